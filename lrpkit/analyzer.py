@@ -1,0 +1,174 @@
+"""``LRP``: the reusable analyzer, and ``analyze`` for one-off use.
+
+The output relevance is ``R = onehot(target)`` (``normalize_output=True``), ``onehot(target) ⊙ output``
+(``normalize_output=False``) or an explicit ``R``; the reverse loop over the canonized chain then computes
+``R[k] = rule_k.lrp(layer_k, a[k], R[k+1])`` down to the input (Bach et al. 2015; RelevancePropagation.jl).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from .canonize import canonize
+from .composites import Composite, format_table
+from .explanation import Accounting, Explanation
+from .layers import Chain, PatchFlatten
+from .presets import default_composite
+from .propagate import Propagation, Step
+
+
+def build_steps(chain: Chain, composite: Composite) -> list[Step]:
+    """The chain's layers with their rules and the rules' prepared state (modified layers), built once."""
+    slots = iter(composite.assign(chain))
+
+    def build(ch: Chain) -> list[Step]:
+        steps = []
+        for _ in ch:
+            slot = next(slots)
+            step = Step(slot.layer, slot.rule, slot.index, slot.path, slot.name)
+            if slot.is_container:
+                branches = [slot.layer.inner] if hasattr(slot.layer, "inner") else list(slot.layer.branches)
+                step.children = [build(branch) for branch in branches]
+            step.state = slot.rule.prepare(slot.layer)
+            steps.append(step)
+        return steps
+
+    return build(chain)
+
+
+def _patch_size(chain: Chain):
+    """(ph, pw) for a ViT-like chain (a Conv2d patch projection followed by PatchFlatten), else None."""
+    head = list(chain)[:3]
+    if head and isinstance(head[0], nn.Conv2d) and any(isinstance(m, PatchFlatten) for m in head[1:]):
+        return tuple(head[0].stride)
+    return None
+
+
+class LRP:
+    """A reusable LRP analyzer: ``LRP(model, composite=None)`` canonizes ``model`` once (a frozen eval-mode copy;
+    ``model`` is never modified), maps rules with ``composite`` (default: :func:`lrpkit.presets.default_composite`)
+    and builds the modified layers. Call it on batches: ``lrp(x, target=None, *, R=None, normalize_output=True,
+    layerwise=False) -> Explanation``. Thread-safe: a call keeps its state to itself.
+    """
+
+    def __init__(self, model: nn.Module, composite: Composite | None = None, *, strip_softmax: bool = False):
+        if isinstance(model, nn.Module) and model.training:
+            warnings.warn("the model is in training mode; lrpkit explains its eval-mode behaviour (dropout off, "
+                          "BatchNorm running statistics) on a copy and leaves your model as it is",
+                          stacklevel=2)
+        self.chain = canonize(model, strip_softmax=strip_softmax)
+        self.composite = composite if composite is not None else default_composite(self.chain)
+        self.steps = build_steps(self.chain, self.composite)
+        self.patch_size = _patch_size(self.chain)
+        ref = next(iter(self.chain.parameters()), None)
+        self.dtype = ref.dtype if ref is not None else None
+        self.device = ref.device if ref is not None else None
+
+    def table(self) -> str:
+        """Which rule lands on which layer: index, path in the chain, module name, layer, rule."""
+        return format_table(self.composite.assign(self.chain))
+
+    # -- input checks -------------------------------------------------------------------------------------
+    def _check_input(self, x) -> None:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}; convert it with x.float()")
+        if self.dtype is not None and x.dtype != self.dtype:
+            raise TypeError(f"x has dtype {x.dtype} but the model's parameters are {self.dtype}; "
+                            f"use x.to({self.dtype}) or convert the model")
+        if self.device is not None and x.device != self.device:
+            raise ValueError(f"x is on {x.device} but the model is on {self.device}; use x.to('{self.device}')")
+        first = next((s.layer for s in _leaves(self.steps)), None)
+        expected = None
+        if isinstance(first, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            nd = {nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5}[type(first)]
+            if x.ndim != nd or x.shape[1] != first.in_channels:
+                expected = f"(B, {first.in_channels}, " + ", ".join("HWD"[: nd - 2]) + ")"
+        elif isinstance(first, nn.Linear) and (x.ndim < 2 or x.shape[-1] != first.in_features):
+            expected = f"(B, ..., {first.in_features})"
+        if expected:
+            hint = " (add the batch dimension with x.unsqueeze(0))" if x.ndim == len(expected.split(",")) - 1 else ""
+            raise ValueError(f"x has shape {tuple(x.shape)} but the first layer ({first}) expects {expected}{hint}")
+
+    @staticmethod
+    def _targets(output: torch.Tensor, target) -> torch.Tensor:
+        b = output.shape[0]
+        if output.ndim != 2:
+            raise ValueError(f"a target needs an output of shape (batch, classes), got {tuple(output.shape)}; "
+                             f"pass the output relevance R explicitly")
+        if target is None:
+            return output.argmax(1)
+        t = torch.as_tensor(target, device=output.device)
+        if t.is_floating_point():
+            raise TypeError(f"target must be an int or integer indices, got {t.dtype}")
+        t = t.long().expand(b) if t.ndim == 0 else t.long().flatten()
+        if t.numel() != b:
+            raise ValueError(f"target has {t.numel()} entries for a batch of {b}; give one per sample or one int")
+        bad = (t < 0) | (t >= output.shape[1])
+        if bad.any():
+            raise ValueError(f"target {t[bad].tolist()} out of range: the model has {output.shape[1]} outputs "
+                             f"(0..{output.shape[1] - 1})")
+        return t
+
+    # -- the analysis ---------------------------------------------------------------------------------------
+    def __call__(self, x: torch.Tensor, target=None, *, R: torch.Tensor | None = None,
+                 normalize_output: bool = True, layerwise: bool = False) -> Explanation:
+        """Explain ``output[b, target[b]]`` per sample.
+
+        ``target``: None (argmax per sample), an int, or one index per sample. ``R``: explicit output relevance
+        of the output's shape (then ``target`` must be None). ``normalize_output``: start from 1 at the target
+        (True) or from the target logit's value (False). ``layerwise``: keep the relevance at every top-level
+        layer's input (``Explanation.layerwise[k]`` for layer k, the last entry the output relevance).
+        """
+        self._check_input(x)
+        prop = Propagation()
+        with torch.enable_grad():
+            output, records = prop.forward(self.steps, x)
+        output = output.detach()
+        if R is not None:
+            if target is not None:
+                raise ValueError("pass either target or R, not both")
+            R = torch.as_tensor(R)
+            if R.shape != output.shape:
+                raise ValueError(f"R has shape {tuple(R.shape)} but the output has shape {tuple(output.shape)}")
+            R_out, target_idx = R.to(output), None
+        else:
+            target_idx = self._targets(output, target)
+            mask = torch.zeros_like(output).scatter_(1, target_idx[:, None], 1.0)
+            R_out = mask if normalize_output else mask * output
+        trace = [] if layerwise else None
+        relevance = prop.backward(self.steps, records, R_out, trace)
+        if trace is not None:
+            trace = trace[::-1] + [R_out]
+        return Explanation(relevance=relevance.detach(), output=output, target=target_idx, method="LRP",
+                           layerwise=trace, accounting=_accounting(prop, R_out, relevance),
+                           patch_size=self.patch_size, input_size=tuple(x.shape[2:]) if x.ndim >= 3 else None)
+
+
+def _leaves(steps):
+    for s in steps:
+        if s.children:
+            for branch in s.children:
+                yield from _leaves(branch)
+        else:
+            yield s
+
+
+def _accounting(prop: Propagation, R_out: torch.Tensor, R_in: torch.Tensor) -> Accounting:
+    per_sample = lambda t: t.detach().flatten(1).sum(1)  # noqa: E731
+    acc = Accounting(output=per_sample(R_out), input=per_sample(R_in))
+    for step, parts in sorted(prop.absorbed, key=lambda item: item[0].index):
+        acc.layers.append((step.index, step.name, parts))
+        for key, value in parts.items():
+            acc.parts[key] = acc.parts.get(key, 0) + value
+    return acc
+
+
+def analyze(model: nn.Module, x: torch.Tensor, composite: Composite | None = None, target=None, *,
+            strip_softmax: bool = False, **kwargs) -> Explanation:
+    """One-off LRP: ``LRP(model, composite)(x, target, **kwargs)``. For many calls build the :class:`LRP` once."""
+    return LRP(model, composite, strip_softmax=strip_softmax)(x, target, **kwargs)

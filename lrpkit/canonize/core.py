@@ -1,0 +1,154 @@
+"""The generic part of canonization: dispatch, flattening, BatchNorm fusion and the checks."""
+
+from __future__ import annotations
+
+import copy
+from typing import Callable
+
+import torch
+from torch import nn
+
+from ..layers import Chain
+from ..registry import is_registered
+
+# a canonizer maps (module, path) to a list of (name, layer) entries of the flat chain
+Canonizer = Callable[[nn.Module, str], list]
+_CANONIZERS: dict[type, Canonizer] = {}
+
+DROPPED = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
+BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+FUSABLE = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+SOFTMAXES = (nn.Softmax, nn.LogSoftmax, nn.Softmax2d)
+
+
+class CanonizationError(TypeError):
+    """The model contains something canonization cannot turn into explicit layers."""
+
+
+def register_canonizer(model_type: type, fn: Canonizer) -> None:
+    """Teach :func:`canonize` a module type: ``fn(module, path)`` returns the flat list of ``(name, layer)``
+    entries that compute the module's forward. Use :func:`flatten` inside it for sub-modules."""
+    _CANONIZERS[model_type] = fn
+
+
+def _canonizer_for(module: nn.Module) -> Canonizer | None:
+    for cls in type(module).__mro__:
+        if cls in _CANONIZERS:
+            return _CANONIZERS[cls]
+    return None
+
+
+def copy_layer(layer: nn.Module) -> nn.Module:
+    """A frozen eval-mode copy of ``layer`` without hooks."""
+    new = copy.deepcopy(layer)
+    for m in new.modules():
+        m._forward_hooks.clear()
+        m._forward_pre_hooks.clear()
+        m._backward_hooks.clear()
+        if hasattr(m, "_backward_pre_hooks"):
+            m._backward_pre_hooks.clear()
+        m.training = False
+        if getattr(m, "inplace", False) is True:
+            m.inplace = False  # an in-place activation would overwrite the recorded output of the layer before
+    for p in new.parameters():
+        p.requires_grad_(False)
+    return new
+
+
+def join(path: str, name: str) -> str:
+    return f"{path}.{name}" if path else name
+
+
+def flatten(module: nn.Module, path: str = "") -> list:
+    """The flat list of ``(name, layer)`` that computes ``module``: nested Sequentials are flattened, registered
+    model types go through their canonizer, leaf modules are copied."""
+    fn = _canonizer_for(module)
+    if fn is not None:
+        return fn(module, path)
+    if isinstance(module, nn.Sequential):
+        out = []
+        for name, child in module.named_children():
+            out += flatten(child, join(path, name))
+        return out
+    return [(path, copy_layer(module))]
+
+
+def fuse_batchnorm(layer: nn.Module, bn: nn.Module) -> nn.Module:
+    """``BN(layer(x)) = layer'(x)`` with ``W' = W·γ/√(var+eps)``, ``b' = (b − μ)·γ/√(var+eps) + β``
+    (the BatchNorm's running statistics and its own eps)."""
+    if bn.running_mean is None:
+        raise CanonizationError(f"cannot fuse {type(bn).__name__} without running statistics "
+                                f"(track_running_stats=False) into the preceding layer")
+    scale = bn.weight.detach() if bn.weight is not None else torch.ones_like(bn.running_var)
+    shift = bn.bias.detach() if bn.bias is not None else torch.zeros_like(bn.running_mean)
+    factor = scale / torch.sqrt(bn.running_var + bn.eps)
+    fused = copy_layer(layer)
+    w = fused.weight.detach()
+    fused.weight = nn.Parameter(w * factor.view(-1, *([1] * (w.ndim - 1))), requires_grad=False)
+    b = fused.bias.detach() if fused.bias is not None else torch.zeros_like(bn.running_mean)
+    fused.bias = nn.Parameter((b - bn.running_mean) * factor + shift, requires_grad=False)
+    return fused
+
+
+def simplify(entries: list) -> list:
+    """Drop Dropout/Identity and fuse each BatchNorm into a directly preceding Linear/Conv."""
+    out = []
+    for name, layer in entries:
+        if isinstance(layer, DROPPED):
+            continue
+        if isinstance(layer, BATCHNORMS) and out and isinstance(out[-1][1], FUSABLE):
+            prev_name, prev = out.pop()
+            out.append((prev_name, fuse_batchnorm(prev, layer)))
+            continue
+        out.append((name, layer))
+    return out
+
+
+def make_chain(entries: list) -> Chain:
+    entries = simplify(entries)
+    return Chain([layer for _, layer in entries], [name for name, _ in entries])
+
+
+def _unsupported(chain: Chain, path: str = "") -> list[str]:
+    from ..layers import SkipConnection, Sum
+
+    bad = []
+    for name, layer in zip(chain.names, chain):
+        if isinstance(layer, SkipConnection):
+            bad += _unsupported(layer.inner)
+        elif isinstance(layer, Sum):
+            for branch in layer.branches:
+                bad += _unsupported(branch)
+        elif not is_registered(layer):
+            bad.append(f"  {name or '<model>'}: {type(layer).__module__}.{type(layer).__qualname__}")
+    return bad
+
+
+def canonize(model: nn.Module, strip_softmax: bool = False) -> Chain:
+    """Canonize ``model`` into a flat :class:`~lrpkit.layers.Chain` of explicit layers in eval mode.
+
+    The result is a new module with frozen copies of the parameters; ``model`` (its weights, hooks, training
+    flag and ``requires_grad``) is left untouched. ``strip_softmax=True`` drops a final Softmax/LogSoftmax, which
+    LRP must not explain through. Raises :class:`CanonizationError` listing every layer no rule is registered
+    for.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"canonize needs a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, Chain):
+        return copy_layer(model)
+    chain = make_chain(flatten(model))
+    if len(chain) and isinstance(chain[len(chain) - 1], SOFTMAXES):
+        if not strip_softmax:
+            raise CanonizationError(
+                f"the model ends in {type(chain[len(chain) - 1]).__name__}: LRP explains the logits, not the "
+                f"probabilities. Pass strip_softmax=True (to canonize / LRP / analyze) to drop it.")
+        chain = Chain(list(chain.layers)[:-1], chain.names[:-1])
+    bad = _unsupported(chain)
+    if bad:
+        raise CanonizationError(
+            "no LRP rule is known for these layers:\n" + "\n".join(bad) +
+            "\nIf a layer is a container whose forward is a sequence, make it an nn.Sequential or teach lrpkit "
+            "its structure with lrpkit.canonize.register_canonizer(Type, fn). For a custom leaf layer, register "
+            "a rule for it: lrpkit.register_rule(Type, rule), e.g. lrpkit.register_rule(MyLayer, "
+            "lrpkit.rules.EpsilonRule()).")
+    return chain

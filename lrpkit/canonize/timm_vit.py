@@ -1,0 +1,180 @@
+"""Canonizer for timm's ``VisionTransformer`` and ``VisionTransformerDistilled`` (ViT, DeiT, DeiT-3, ViT+registers).
+
+The chain (one entry per line)::
+
+    Conv2d                        patch projection (patch_embed.proj)
+    PositionalEmbedding           + patch positional embedding on the grid (resampled for dynamic_img_size)
+    PatchFlatten                  (B, C, h, w) -> (B, h·w, C)
+    ClassToken                    prepend class [, distillation] [, register] tokens (with their pos. embedding)
+    LayerNormalize, Scale         norm_pre (pre_norm=True only)
+    SkipConnection(Chain(LayerNormalize, Scale, SelfAttention [, Scale]))              per block: attention
+    SkipConnection(Chain(LayerNormalize, Scale, Linear, act, Linear [, Scale]))        per block: MLP
+    LayerNormalize, Scale         final norm (if any)
+    SelectClassToken | TokenMean  timm's global_pool 'token' | 'avg'
+    LayerNormalize, Scale         fc_norm (if any)
+    Linear                        head
+
+Adding the prefix tokens' positional embedding to the tokens themselves, and the patch embedding on the grid
+before flattening, is the same sum as timm's ``cat(tokens, x) + pos_embed`` in another order, and it handles
+``no_embed_class`` and ``dynamic_img_size`` uniformly. The distilled model's eval-mode head
+``(head(x_cls) + head_dist(x_dist)) / 2`` becomes ``Sum(Chain(SelectClassToken(0), head/2),
+Chain(SelectClassToken(1), head_dist/2))``. Anything else (attention pooling, other block or attention types,
+a patch-embedding norm, dynamic padding, ...) is a :class:`~lrpkit.canonize.CanonizationError`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..layers import (Chain, ClassToken, LayerNormalize, PatchFlatten, PositionalEmbedding, Scale,
+                      SelectClassToken, SelfAttention, SkipConnection, Sum, TokenMean)
+from .core import CanonizationError, copy_layer, join, make_chain, register_canonizer
+
+
+def _unsupported(model, what: str):
+    return CanonizationError(f"lrpkit cannot canonize this {type(model).__name__}: {what} is not supported. "
+                             f"Supported: timm Block/Attention/Mlp, global_pool 'token' or 'avg', LayerNorm norms.")
+
+
+def _is_identity(m) -> bool:
+    return m is None or isinstance(m, (nn.Identity, nn.Dropout))
+
+
+def _norm(norm: nn.Module, path: str, model) -> list:
+    """LayerNorm -> LayerNormalize + Scale (affine part); Identity -> nothing."""
+    if _is_identity(norm):
+        return []
+    if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:
+        raise _unsupported(model, f"the norm layer {path} ({type(norm).__name__})")
+    entries = [(path, LayerNormalize(norm.eps))]
+    if norm.weight is not None or norm.bias is not None:
+        weight = norm.weight if norm.weight is not None else torch.ones(norm.normalized_shape)
+        entries.append((path, Scale(weight, norm.bias)))
+    return entries
+
+
+def _layer_scale(ls: nn.Module, path: str, model) -> list:
+    if _is_identity(ls):
+        return []
+    if not hasattr(ls, "gamma"):
+        raise _unsupported(model, f"the layer-scale module {path} ({type(ls).__name__})")
+    return [(path, Scale(ls.gamma))]
+
+
+def _attention(attn: nn.Module, path: str, model) -> SelfAttention:
+    from timm.layers import Attention
+
+    if type(attn) is not Attention:
+        raise _unsupported(model, f"the attention layer {path} ({type(attn).__name__})")
+    if getattr(attn, "gate", None) is not None:
+        raise _unsupported(model, f"gated attention ({path})")
+    if not _is_identity(getattr(attn, "norm", None)):
+        raise _unsupported(model, f"scale_attn_norm ({path}.norm)")
+    return SelfAttention(copy_layer(attn.qkv), copy_layer(attn.proj), attn.num_heads, attn.scale,
+                         q_norm=copy_layer(attn.q_norm), k_norm=copy_layer(attn.k_norm))
+
+
+def _mlp(mlp: nn.Module, path: str, model) -> list:
+    from timm.layers import Mlp
+
+    if type(mlp) is not Mlp or not isinstance(mlp.fc1, nn.Linear) or not isinstance(mlp.fc2, nn.Linear):
+        raise _unsupported(model, f"the MLP {path} ({type(mlp).__name__})")
+    return ([(join(path, "fc1"), copy_layer(mlp.fc1)), (join(path, "act"), copy_layer(mlp.act))]
+            + _norm(mlp.norm, join(path, "norm"), model) + [(join(path, "fc2"), copy_layer(mlp.fc2))])
+
+
+def _block(block: nn.Module, path: str, model) -> list:
+    from timm.models.vision_transformer import Block
+
+    if type(block) is not Block:
+        raise _unsupported(model, f"the block type {type(block).__name__} ({path})")
+    attn = (_norm(block.norm1, join(path, "norm1"), model)
+            + [(join(path, "attn"), _attention(block.attn, join(path, "attn"), model))]
+            + _layer_scale(block.ls1, join(path, "ls1"), model))
+    mlp = (_norm(block.norm2, join(path, "norm2"), model) + _mlp(block.mlp, join(path, "mlp"), model)
+           + _layer_scale(block.ls2, join(path, "ls2"), model))
+    return [(join(path, "attn"), SkipConnection(make_chain(attn))),
+            (join(path, "mlp"), SkipConnection(make_chain(mlp)))]
+
+
+def _prefix_tokens(model) -> tuple[list[torch.Tensor], list[str]]:
+    tokens, kinds = [], []
+    if getattr(model, "cls_token", None) is not None:
+        tokens.append(model.cls_token.detach())
+        kinds.append("class")
+    if getattr(model, "dist_token", None) is not None:
+        tokens.append(model.dist_token.detach())
+        kinds.append("distillation")
+    if getattr(model, "reg_token", None) is not None:
+        tokens.append(model.reg_token.detach())
+        kinds += ["register"] * model.reg_token.shape[1]
+    return tokens, kinds
+
+
+def _embedding(model, path: str) -> list:
+    pe = model.patch_embed
+    if not isinstance(getattr(pe, "proj", None), nn.Conv2d):
+        raise _unsupported(model, "a patch embedding without a Conv2d projection")
+    if not _is_identity(getattr(pe, "norm", None)):
+        raise _unsupported(model, "a norm inside the patch embedding (embed norm)")
+    if getattr(pe, "dynamic_img_pad", False):
+        raise _unsupported(model, "dynamic_img_pad")
+    entries = [(join(path, "patch_embed.proj"), copy_layer(pe.proj))]
+    tokens, kinds = _prefix_tokens(model)
+    n_prefix = len(kinds)
+    pos = getattr(model, "pos_embed", None)
+    if pos is not None:
+        pos = pos.detach()
+        grid = tuple(pe.grid_size)
+        n_pos_prefix = 0 if model.no_embed_class else n_prefix
+        patch_pos = pos[:, n_pos_prefix:].reshape(1, grid[0], grid[1], -1).permute(0, 3, 1, 2)
+        entries.append((join(path, "pos_embed"), PositionalEmbedding(patch_pos, dynamic=model.dynamic_img_size)))
+        if n_pos_prefix:
+            tokens = [torch.cat(tokens, dim=1) + pos[:, :n_pos_prefix]]
+    entries.append((join(path, "patch_embed"), PatchFlatten()))
+    if tokens:
+        entries.append((join(path, "cls_token"), ClassToken(torch.cat(tokens, dim=1), kinds)))
+    return entries
+
+
+def _head(model, path: str) -> list:
+    from timm.models.deit import VisionTransformerDistilled
+
+    if isinstance(model, VisionTransformerDistilled):
+        branches = []
+        for index, name in ((0, "head"), (1, "head_dist")):
+            head = copy_layer(getattr(model, name))
+            head.weight.data.mul_(0.5)
+            if head.bias is not None:
+                head.bias.data.mul_(0.5)
+            branches.append(Chain([SelectClassToken(index), head], [join(path, "pool"), join(path, name)]))
+        return [(join(path, "head"), Sum(*branches))]
+    if getattr(model, "attn_pool", None) is not None or model.global_pool not in ("token", "avg"):
+        raise _unsupported(model, f"global_pool={model.global_pool!r}")
+    if model.global_pool == "token":
+        pool = SelectClassToken(0)
+    else:
+        if getattr(model, "pool_include_prefix", False):
+            raise _unsupported(model, "pool_include_prefix=True")
+        pool = TokenMean(model.num_prefix_tokens)
+    entries = [(join(path, "pool"), pool)] + _norm(model.fc_norm, join(path, "fc_norm"), model)
+    if not _is_identity(model.head):
+        entries.append((join(path, "head"), copy_layer(model.head)))
+    return entries
+
+
+def canonize_vit(model, path: str = "") -> list:
+    """The flat chain of a timm VisionTransformer (see the module docstring)."""
+    entries = _embedding(model, path) + _norm(model.norm_pre, join(path, "norm_pre"), model)
+    for i, block in enumerate(model.blocks):
+        entries += _block(block, join(path, f"blocks.{i}"), model)
+    return entries + _norm(model.norm, join(path, "norm"), model) + _head(model, path)
+
+
+try:
+    from timm.models.vision_transformer import VisionTransformer
+except ImportError:  # timm is a core dependency, but canonization of other models works without it
+    pass
+else:
+    register_canonizer(VisionTransformer, canonize_vit)

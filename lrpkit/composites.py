@@ -1,0 +1,222 @@
+"""Composites: which rule lands on which layer.
+
+A :class:`Composite` starts from the registered default rule of every layer (:mod:`lrpkit.registry`) and applies
+its primitives in order; when several primitives match a layer, the last one listed wins. Layers are numbered
+depth-first over the canonized chain (containers before their contents), as the rule table shows.
+
+Primitives (named as in RelevancePropagation.jl):
+
+- ``GlobalMap(rule)``: every layer in ``rule.targets`` (e.g. Linear/Conv/pooling for the basic rules);
+- ``GlobalTypeMap({type: rule})``: every layer of a type;
+- ``FirstLayerMap(rule)`` / ``FirstLayerTypeMap({type: rule})``: the first layer (the input layer);
+- ``LastLayerMap(rule)`` / ``LastLayerTypeMap({type: rule})``: the last layer (the output layer);
+- ``RangeMap(range, rule)`` / ``RangeTypeMap(range, {type: rule})``: layers whose index lies in ``range``;
+- ``NameMap({name: rule})``: layers whose module path in the original model matches ``name`` (``fnmatch``
+  patterns such as ``"blocks.*.mlp.fc1"`` allowed).
+
+Type and name maps are explicit: a rule that cannot handle a layer they select is an error. ``GlobalMap`` and
+``RangeMap`` select only the layers in the rule's ``targets``.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+from dataclasses import dataclass
+
+from torch import nn
+
+from .layers import Chain, SkipConnection, Sum
+from .registry import default_rule
+from .rules.base import IncompatibleRuleError
+
+
+@dataclass
+class LayerSlot:
+    """One layer of the chain as the composites see it."""
+
+    index: int
+    path: str  # position in the chain, e.g. "5.inner.2"
+    name: str  # module path in the original model
+    layer: nn.Module
+    is_container: bool
+    rule: object = None
+
+
+def layer_slots(chain: Chain) -> list[LayerSlot]:
+    """All layers of ``chain`` depth-first (containers before their contents), with their default rules."""
+    slots: list[LayerSlot] = []
+
+    def visit(ch: Chain, prefix: str):
+        for i, (name, layer) in enumerate(zip(ch.names, ch)):
+            path = f"{prefix}{i}"
+            container = isinstance(layer, (SkipConnection, Sum))
+            slots.append(LayerSlot(len(slots), path, name, layer, container, default_rule(layer)))
+            if isinstance(layer, SkipConnection):
+                visit(layer.inner, f"{path}.inner.")
+            elif isinstance(layer, Sum):
+                for b, branch in enumerate(layer.branches):
+                    visit(branch, f"{path}.branch{b}.")
+
+    visit(chain, "")
+    return slots
+
+
+def _assign(slot: LayerSlot, rule, source: str) -> None:
+    try:
+        rule.check(slot.layer)
+    except IncompatibleRuleError as err:
+        raise IncompatibleRuleError(f"{source} maps {err} — at layer {slot.index} ({slot.name or slot.path})") \
+            from None
+    slot.rule = rule
+
+
+def _leaves(slots):
+    return [s for s in slots if not s.is_container]
+
+
+class GlobalMap:
+    """Apply ``rule`` to every layer whose type is in ``rule.targets``."""
+
+    def __init__(self, rule):
+        self.rule = rule
+
+    def apply(self, slots):
+        for s in slots:
+            if isinstance(s.layer, self.rule.targets):
+                s.rule = self.rule
+
+
+class GlobalTypeMap:
+    """Apply ``{type: rule}`` to every layer that is an instance of the type."""
+
+    def __init__(self, mapping: dict):
+        self.mapping = dict(mapping)
+
+    def _match(self, s):
+        for layer_type, rule in self.mapping.items():
+            if isinstance(s.layer, layer_type):
+                _assign(s, rule, type(self).__name__)
+
+    def apply(self, slots):
+        for s in slots:
+            self._match(s)
+
+
+class FirstLayerMap:
+    """Apply ``rule`` to the first (input) layer."""
+
+    def __init__(self, rule):
+        self.rule = rule
+
+    def _slot(self, slots):
+        return _leaves(slots)[0]
+
+    def apply(self, slots):
+        _assign(self._slot(slots), self.rule, type(self).__name__)
+
+
+class LastLayerMap(FirstLayerMap):
+    """Apply ``rule`` to the last (output) layer."""
+
+    def _slot(self, slots):
+        return _leaves(slots)[-1]
+
+
+class FirstLayerTypeMap(GlobalTypeMap):
+    """Apply ``{type: rule}`` to the first layer if its type matches."""
+
+    def apply(self, slots):
+        self._match(_leaves(slots)[0])
+
+
+class LastLayerTypeMap(GlobalTypeMap):
+    """Apply ``{type: rule}`` to the last layer if its type matches."""
+
+    def apply(self, slots):
+        self._match(_leaves(slots)[-1])
+
+
+class RangeMap:
+    """Apply ``rule`` to the layers with index in ``range`` whose type is in ``rule.targets``."""
+
+    def __init__(self, index_range: range, rule):
+        self.range, self.rule = index_range, rule
+
+    def apply(self, slots):
+        GlobalMap(self.rule).apply([s for s in slots if s.index in self.range])
+
+
+class RangeTypeMap(GlobalTypeMap):
+    """Apply ``{type: rule}`` to the layers with index in ``range`` that are instances of the type."""
+
+    def __init__(self, index_range: range, mapping: dict):
+        super().__init__(mapping)
+        self.range = index_range
+
+    def apply(self, slots):
+        super().apply([s for s in slots if s.index in self.range])
+
+
+class NameMap:
+    """Apply ``{name: rule}`` to the layers whose module path in the original model matches ``name``
+    (``fnmatch`` pattern). A LayerNorm's name covers both its LayerNormalize and Scale parts: the rule lands on
+    those it can handle; it is an error if it can handle none, or if no layer matches."""
+
+    def __init__(self, mapping: dict):
+        self.mapping = dict(mapping)
+
+    def apply(self, slots):
+        for pattern, rule in self.mapping.items():
+            matched = [s for s in slots if fnmatch.fnmatchcase(s.name, pattern)]
+            if not matched:
+                raise KeyError(f"NameMap: no layer is named {pattern!r}; print the rule table to see the names")
+            usable = [s for s in matched if rule.accepts(s.layer)]
+            if not usable:
+                _assign(matched[0], rule, "NameMap")  # raises the incompatibility error
+            for s in usable:
+                s.rule = rule
+
+
+class Composite:
+    """An ordered list of primitives; ``Composite(p1, p2, ...)``. Later primitives win."""
+
+    def __init__(self, *primitives):
+        for p in primitives:
+            if not hasattr(p, "apply"):
+                raise TypeError(f"Composite takes composite primitives (GlobalMap, ...), got {p!r}")
+        self.primitives = list(primitives)
+
+    def assign(self, chain: Chain) -> list[LayerSlot]:
+        """The layers of ``chain`` with the rule each gets."""
+        slots = layer_slots(chain)
+        for p in self.primitives:
+            p.apply(slots)
+        missing = [s for s in slots if s.rule is None]
+        if missing:
+            raise IncompatibleRuleError("no rule for: " + ", ".join(
+                f"{s.index} {s.name} ({type(s.layer).__name__})" for s in missing))
+        return slots
+
+    def table(self, chain: Chain) -> str:
+        """A readable table: index, path in the chain, module name, layer, rule."""
+        return format_table(self.assign(chain))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(map(repr, self.primitives))})"
+
+
+def format_table(slots: list[LayerSlot]) -> str:
+    rows = [("index", "path", "name", "layer", "rule")]
+    for s in slots:
+        depth = s.path.count(".inner.") + s.path.count(".branch")
+        layer = "  " * depth + _short(s.layer)
+        rows.append((str(s.index), s.path, s.name, layer, repr(s.rule)))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows)
+
+
+def _short(layer: nn.Module) -> str:
+    if isinstance(layer, (SkipConnection, Sum)):
+        return type(layer).__name__
+    text = repr(layer).split("\n")[0]
+    return text if len(text) <= 60 else text[:57] + "..."

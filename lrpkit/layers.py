@@ -1,0 +1,255 @@
+"""The explicit layers that canonization introduces.
+
+Each layer is a small ``nn.Module`` whose ``forward`` is exactly the computation it replaces, so a canonized
+model gives the same output as the original. The rules in :mod:`lrpkit.rules` are written against these layers.
+"""
+
+from __future__ import annotations
+
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+
+class Chain(nn.Module):
+    """A flat sequence of layers, ``Chain(f1, ..., fL)(x) = fL(...f1(x))``.
+
+    Like ``nn.Sequential``, but every entry remembers the path of the module it came from in the original model
+    (``names``), which composites (``NameMap``) and the rule table use.
+    """
+
+    def __init__(self, layers: Sequence[nn.Module], names: Sequence[str] | None = None):
+        super().__init__()
+        self.layers = nn.ModuleList(layers)
+        names = list(names) if names is not None else [str(i) for i in range(len(self.layers))]
+        if len(names) != len(self.layers):
+            raise ValueError(f"Chain got {len(self.layers)} layers but {len(names)} names")
+        self.names = names
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+    def __len__(self) -> int:
+        return len(self.layers)
+
+    def __getitem__(self, i: int) -> nn.Module:
+        return self.layers[i]
+
+    def __iter__(self) -> Iterator[nn.Module]:
+        return iter(self.layers)
+
+
+class SkipConnection(nn.Module):
+    """Residual connection ``y = a + f(a)`` with ``f`` an explicit :class:`Chain`.
+
+    Its rule (:class:`lrpkit.rules.SkipConnectionRule`) splits the relevance in proportion to the two summands.
+    """
+
+    def __init__(self, inner: Chain):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.inner(x)
+
+
+class Sum(nn.Module):
+    """Parallel branches added up, ``y = Σ_i f_i(a)`` (e.g. a ResNet block with a downsampling shortcut).
+
+    Its rule (:class:`lrpkit.rules.SumRule`) splits the relevance in proportion to the branch outputs.
+    """
+
+    def __init__(self, *branches: Chain):
+        super().__init__()
+        self.branches = nn.ModuleList(branches)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.branches[0](x)
+        for branch in self.branches[1:]:
+            out = out + branch(x)
+        return out
+
+
+class PatchFlatten(nn.Module):
+    """Patch grid to token sequence: ``(B, C, H, W) -> (B, H·W, C)``, token ``n = h·W + w``.
+
+    A pure reshape: its rule is the exact inverse reshape of the relevance.
+    """
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.flatten(2).transpose(1, 2)
+
+
+class PositionalEmbedding(nn.Module):
+    """Adds the patch positional embedding on the patch grid: ``y = x + e`` with ``x`` of shape (B, C, H, W).
+
+    ``embed`` holds the embedding of the patch tokens as a (1, C, gh, gw) grid. For ``dynamic=True`` it is
+    resampled to the input's grid with timm's ``resample_abs_pos_embed`` (bicubic), exactly as timm's
+    ``dynamic_img_size`` models do; otherwise the grid must match. The embedding of the prefix tokens (class,
+    distillation, register tokens) is folded into :class:`ClassToken`, which is the same sum in another order.
+    """
+
+    def __init__(self, embed: torch.Tensor, dynamic: bool = False):
+        super().__init__()
+        self.embed = nn.Parameter(embed.detach().clone(), requires_grad=False)
+        self.dynamic = dynamic
+
+    def grid_embedding(self, grid: tuple[int, int]) -> torch.Tensor:
+        """The embedding (1, C, H, W) for a patch grid of size ``grid``."""
+        if tuple(self.embed.shape[-2:]) == tuple(grid):
+            return self.embed
+        if not self.dynamic:
+            raise ValueError(
+                f"the input gives a {grid[0]}x{grid[1]} patch grid but the model was built for "
+                f"{self.embed.shape[-2]}x{self.embed.shape[-1]}; resize the input, or create the timm model with "
+                f"dynamic_img_size=True"
+            )
+        from timm.layers import resample_abs_pos_embed
+
+        tokens = self.embed.flatten(2).transpose(1, 2)
+        tokens = resample_abs_pos_embed(tokens, new_size=list(grid), old_size=list(self.embed.shape[-2:]),
+                                        num_prefix_tokens=0)
+        return tokens.transpose(1, 2).reshape(1, -1, *grid)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.grid_embedding(tuple(x.shape[-2:]))
+
+
+class ClassToken(nn.Module):
+    """Prepends the prefix tokens: ``y = [t_1, ..., t_P, x_1, ..., x_N]`` with constant tokens ``t``.
+
+    ``tokens`` is (1, P, C) and already includes the prefix tokens' positional embedding where the model adds
+    one. ``kinds`` names each prefix token ("class", "distillation", "register") for the relevance accounting.
+    """
+
+    def __init__(self, tokens: torch.Tensor, kinds: Sequence[str]):
+        super().__init__()
+        if tokens.shape[1] != len(kinds):
+            raise ValueError(f"ClassToken got {tokens.shape[1]} tokens but {len(kinds)} kinds")
+        self.tokens = nn.Parameter(tokens.detach().clone(), requires_grad=False)
+        self.kinds = list(kinds)
+
+    @property
+    def num_prefix(self) -> int:
+        return len(self.kinds)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.tokens.expand(x.shape[0], -1, -1), x], dim=1)
+
+
+class SelectClassToken(nn.Module):
+    """Selects one token: ``y = x[:, index]`` (timm's ``global_pool='token'``), (B, N, C) -> (B, C)."""
+
+    def __init__(self, index: int = 0):
+        super().__init__()
+        self.index = index
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, self.index]
+
+
+class TokenMean(nn.Module):
+    """Mean over the tokens from ``start`` on: ``y = 1/(N-start) Σ_{n>=start} x_n`` (timm's ``global_pool='avg'``)."""
+
+    def __init__(self, start: int = 0):
+        super().__init__()
+        self.start = start
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, self.start:].mean(dim=1)
+
+
+class LayerNormalize(nn.Module):
+    """The normalisation part of LayerNorm over the last dimension: ``y = (x - μ(x)) / σ(x)``,
+    ``σ(x) = sqrt(Var(x) + eps)`` (biased variance). The affine part is a separate :class:`Scale`."""
+
+    def __init__(self, eps: float = 1e-5):
+        super().__init__()
+        self.eps = eps
+
+    def sigma(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sqrt(x.var(dim=-1, unbiased=False, keepdim=True) + self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.layer_norm(x, x.shape[-1:], eps=self.eps)
+
+
+class Scale(nn.Module):
+    """Element-wise affine map over the last dimension (or ``dim``): ``y = w ⊙ x + b``.
+
+    Canonization uses it for LayerNorm's affine part and for LayerScale (``b = None``).
+    """
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None = None, dim: int = -1):
+        super().__init__()
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.dim = dim
+
+    def _shape(self, x: torch.Tensor) -> tuple[int, ...]:
+        shape = [1] * x.ndim
+        shape[self.dim] = -1
+        return tuple(shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = self._shape(x)
+        y = x * self.weight.view(shape)
+        return y if self.bias is None else y + self.bias.view(shape)
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over tokens (B, N, C), as in timm's ``Attention``:
+
+    ``q, k, v = split(x W_qkv + b_qkv)`` per head; ``q, k = norm_q(q), norm_k(k)`` (qk-norm, else identity);
+    ``A = softmax(q kᵀ · scale)``; ``y = A v``; heads merged; ``out = y W_proj + b_proj``.
+
+    ``forward(x, return_attention=True)`` also returns the attention probabilities A (B, heads, N, N), which timm's
+    fused attention never materialises.
+    """
+
+    def __init__(self, qkv: nn.Linear, proj: nn.Linear, num_heads: int, scale: float,
+                 q_norm: nn.Module | None = None, k_norm: nn.Module | None = None, norm: nn.Module | None = None):
+        super().__init__()
+        self.qkv, self.proj = qkv, proj
+        self.num_heads = num_heads
+        self.scale = scale
+        self.q_norm = q_norm if q_norm is not None else nn.Identity()
+        self.k_norm = k_norm if k_norm is not None else nn.Identity()
+        self.norm = norm if norm is not None else nn.Identity()
+
+    @property
+    def head_dim(self) -> int:
+        return self.qkv.out_features // (3 * self.num_heads)
+
+    def split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, N, H·d) -> (B, H, N, d)."""
+        b, n, _ = t.shape
+        return t.view(b, n, self.num_heads, -1).transpose(1, 2)
+
+    @staticmethod
+    def merge_heads(t: torch.Tensor) -> torch.Tensor:
+        """(B, H, N, d) -> (B, N, H·d)."""
+        b, h, n, d = t.shape
+        return t.transpose(1, 2).reshape(b, n, h * d)
+
+    def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q, k (normalised) and v, each (B, H, N, d)."""
+        q, k, v = self.qkv(x).chunk(3, dim=-1)
+        return self.q_norm(self.split_heads(q)), self.k_norm(self.split_heads(k)), self.split_heads(v)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """``A = softmax(q kᵀ · scale)`` (B, H, N, N)."""
+        return torch.softmax((q * self.scale) @ k.transpose(-2, -1), dim=-1)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        q, k, v = self.qkv_heads(x)
+        if return_attention:
+            attn = self.attention(q, k)
+            y = attn @ v
+        else:
+            y = nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scale)
+        out = self.proj(self.norm(self.merge_heads(y)))
+        return (out, attn) if return_attention else out

@@ -1,0 +1,89 @@
+"""Preset composites, as in zennit and RelevancePropagation.jl, extended to vision transformers.
+
+On every preset the transformer layers get their transformer rules (the registered defaults: PositionalEmbedding
+-, LayerNorm-, token- and skip-connection rules), and the attention's value and output projections get the rule
+the preset gives Linear layers. ``analyze`` and ``LRP`` without a composite use :func:`default_composite`.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .composites import Composite, FirstLayerMap, GlobalTypeMap, LastLayerMap
+from .layers import LayerNormalize, PositionalEmbedding, Scale, SelfAttention, TokenMean
+from .rules import (AlphaBetaRule, EpsilonRule, FlatRule, GammaRule, GeneralizedGammaRule, LayerNormRule,
+                    PositionalEmbeddingRule, SelfAttentionRule, TokenMeanRule, ZBoxRule, ZPlusRule)
+
+CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+AVGPOOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+           nn.AdaptiveAvgPool3d)
+
+
+def _base(conv_rule, linear_rule, epsilon: float, attention_mode: str = "cp") -> dict:
+    """The type map shared by all presets."""
+    mapping = {AVGPOOL: EpsilonRule(1e-6), nn.Linear: linear_rule, CONV: conv_rule,
+               SelfAttention: SelfAttentionRule(linear_rule, linear_rule, mode=attention_mode, epsilon=epsilon),
+               LayerNormalize: LayerNormRule(epsilon), Scale: EpsilonRule(epsilon),
+               PositionalEmbedding: PositionalEmbeddingRule(epsilon), TokenMean: TokenMeanRule(epsilon)}
+    return mapping
+
+
+def EpsilonGammaBox(low, high, epsilon: float = 1e-6, gamma: float = 0.25) -> Composite:
+    """Conv: generalised LRP-γ (zennit's ``Gamma``; the classic γ-rule for non-negative inputs and outputs),
+    Linear: LRP-ε, first layer: LRP-z^B with bounds ``low``/``high`` (Montavon et al. 2019)."""
+    return Composite(GlobalTypeMap(_base(GeneralizedGammaRule(gamma), EpsilonRule(epsilon), epsilon)),
+                     FirstLayerMap(ZBoxRule(low, high)))
+
+
+def EpsilonPlus(epsilon: float = 1e-6) -> Composite:
+    """Conv: LRP-z⁺, Linear: LRP-ε (Kohlbrenner et al. 2020, "Towards best practice in explaining neural network
+    decisions with LRP")."""
+    return Composite(GlobalTypeMap(_base(ZPlusRule(), EpsilonRule(epsilon), epsilon)))
+
+
+def EpsilonAlpha2Beta1(epsilon: float = 1e-6) -> Composite:
+    """Conv: LRP-α2β1, Linear: LRP-ε (Kohlbrenner et al. 2020)."""
+    return Composite(GlobalTypeMap(_base(AlphaBetaRule(2.0, 1.0), EpsilonRule(epsilon), epsilon)))
+
+
+def EpsilonPlusFlat(epsilon: float = 1e-6) -> Composite:
+    """:func:`EpsilonPlus` with LRP-flat on the first layer (Kohlbrenner et al. 2020)."""
+    return Composite(*EpsilonPlus(epsilon).primitives, FirstLayerMap(FlatRule()))
+
+
+def EpsilonAlpha2Beta1Flat(epsilon: float = 1e-6) -> Composite:
+    """:func:`EpsilonAlpha2Beta1` with LRP-flat on the first layer (Kohlbrenner et al. 2020)."""
+    return Composite(*EpsilonAlpha2Beta1(epsilon).primitives, FirstLayerMap(FlatRule()))
+
+
+def _transformer(mode: str, epsilon: float, gamma: float | None, first_layer) -> Composite:
+    linear = EpsilonRule(epsilon) if gamma is None else GammaRule(gamma, epsilon)
+    primitives = [GlobalTypeMap(_base(EpsilonRule(epsilon), linear, epsilon, attention_mode=mode)),
+                  LastLayerMap(EpsilonRule(epsilon))]
+    if first_layer is not None:
+        primitives.append(FirstLayerMap(first_layer))
+    return Composite(*primitives)
+
+
+def CPLRP(epsilon: float = 1e-6, gamma: float | None = None, first_layer=None) -> Composite:
+    """Conservative propagation for transformers (Ali et al. 2022): attention probabilities and LayerNorm σ held
+    constant, skip connections split proportionally, LRP-ε on Linear/Conv layers. ``gamma``: LRP-γ (GammaRule) on
+    the Linear layers of the blocks (MLP, attention value and output projections); the head keeps LRP-ε.
+    ``first_layer``: the rule for the patch projection (default LRP-ε). With ε → 0 and no γ this equals
+    gradient × input of the model with A and σ detached and activations passing relevance unchanged."""
+    return _transformer("cp", epsilon, gamma, first_layer)
+
+
+def AttnLRP(epsilon: float = 1e-6, gamma: float | None = None, first_layer=None) -> Composite:
+    """AttnLRP (Achtibat et al. 2024): as :func:`CPLRP`, but relevance also flows through the attention scores:
+    uniform split of both matrix products, the softmax's Taylor rule, LayerNorm qk-norms."""
+    return _transformer("attnlrp", epsilon, gamma, first_layer)
+
+
+def default_composite(chain) -> Composite:
+    """What ``analyze`` uses without a composite: :func:`CPLRP` for transformers (conservative, costs about one
+    gradient, and its ε → 0 limit is a well-defined gradient × input), :func:`EpsilonPlusFlat` otherwise (the
+    recommendation of Kohlbrenner et al. 2020 for CNNs)."""
+    if any(isinstance(m, SelfAttention) for m in chain.modules()):
+        return CPLRP()
+    return EpsilonPlusFlat()

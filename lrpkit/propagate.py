@@ -1,0 +1,86 @@
+"""The two loops of LRP: a forward pass that records every layer's input, and a reverse loop over the chain.
+
+A :class:`Step` is one layer with its rule and the rule's prepared state (modified layers), built once per
+analyzer. A :class:`Record` is what one forward pass through a step leaves for the backward loop. Container
+layers (:class:`~lrpkit.layers.SkipConnection`, :class:`~lrpkit.layers.Sum`) have ``children``: one list of
+steps per branch, propagated by the same two loops. Nothing here keeps state between calls.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+
+@dataclass
+class Step:
+    """One layer of the canonized chain with its rule (built once per analyzer)."""
+
+    layer: nn.Module
+    rule: Any
+    index: int  # position in the depth-first list of layers (containers included)
+    path: str  # position in the chain, e.g. "5.inner.2"
+    name: str  # path of the module in the original model
+    state: Any = None  # what ``rule.prepare(layer)`` built
+    children: list[list["Step"]] = field(default_factory=list)
+
+
+@dataclass
+class Record:
+    """What the forward pass through one step leaves for the backward loop."""
+
+    input: torch.Tensor
+    output: torch.Tensor
+    extras: dict = field(default_factory=dict)
+    absorbed: dict = field(default_factory=dict)  # explicit relevance sinks, per sample (B,)
+
+
+class Propagation:
+    """One analysis call: runs the recording forward pass and the reverse relevance loop.
+
+    ``accounting[k]`` collects, per step, the relevance each layer absorbed (output relevance minus input
+    relevance, per sample), split into the parts a rule reports explicitly (``Record.absorbed``) and a remainder.
+    """
+
+    def __init__(self, keep_layerwise: bool = False):
+        self.keep_layerwise = keep_layerwise
+        self.absorbed: list[tuple[Step, dict[str, torch.Tensor]]] = []
+
+    def forward(self, steps: list[Step], x: torch.Tensor) -> tuple[torch.Tensor, list[Record]]:
+        """``a[k+1] = layer_k(a[k])``, recording each layer's input."""
+        records = []
+        for step in steps:
+            rec = step.rule.forward(step, x, self)
+            records.append(rec)
+            x = rec.output
+        return x, records
+
+    def backward(self, steps: list[Step], records: list[Record], R: torch.Tensor,
+                 layerwise: list | None = None) -> torch.Tensor:
+        """``R[k] = rule_k.lrp(layer_k, a[k], R[k+1])`` for k = L..1."""
+        for step, rec in zip(reversed(steps), reversed(records)):
+            R_out = R
+            R = step.rule.lrp(step, rec, R_out, self)
+            if layerwise is not None:
+                layerwise.append(R)
+            if not step.children:  # containers report their own sinks; their children report theirs
+                self.account(step, rec, R_out, R)
+            else:
+                self.absorbed.append((step, dict(rec.absorbed)))
+        return R
+
+    def account(self, step: Step, rec: Record, R_out: torch.Tensor, R_in: torch.Tensor) -> None:
+        lost = _per_sample(R_out) - _per_sample(R_in)
+        parts = {k: v.detach() for k, v in rec.absorbed.items()}
+        explicit = sum(parts.values()) if parts else torch.zeros_like(lost)
+        rest = (lost - explicit).detach()
+        key = step.rule.remainder_category(step.layer) if hasattr(step.rule, "remainder_category") else "other"
+        parts[key] = parts.get(key, 0) + rest
+        self.absorbed.append((step, parts))
+
+
+def _per_sample(t: torch.Tensor) -> torch.Tensor:
+    return t.detach().flatten(1).sum(1)

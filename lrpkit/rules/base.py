@@ -1,0 +1,147 @@
+"""The rule protocol and the generic LRP rule.
+
+A rule is defined, as in RelevancePropagation.jl, by what it changes in the layer's forward computation::
+
+    modify_input(a)          -> ã            (default: a)
+    modify_param(p, name)    -> p'           (default: p; applied to the weight and the bias)
+    modify_denominator(z)    -> z'           (default: z + ε·sign(z), sign(0) := 1)
+
+    generic rule:  z = layer'(ã);  s = R / z';  c = (∂z/∂ã)ᵀ s;  R_in = ã ⊙ c
+
+Rules that change neither the input nor the parameters reuse the forward pass's values (one autograd
+vector-Jacobian product per layer, no second forward). Rules with a closed form override :meth:`Rule.lrp`.
+
+References: Bach et al. 2015, "On pixel-wise explanations for non-linear classifier decisions by layer-wise
+relevance propagation"; Montavon et al. 2019, "Layer-wise relevance propagation: an overview";
+RelevancePropagation.jl (Julia-XAI).
+"""
+
+from __future__ import annotations
+
+import copy
+
+import torch
+from torch import nn
+
+from ..layers import Scale
+from ..propagate import Propagation, Record, Step
+
+LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+POOL_TYPES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
+              nn.AdaptiveAvgPool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d,
+              nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
+ACTIVATION_TYPES = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.ReLU6,
+                    nn.Hardswish, nn.Hardtanh, nn.Mish, nn.PReLU, nn.SELU, nn.CELU)
+RESHAPE_TYPES = (nn.Flatten, nn.Unflatten)
+
+
+class IncompatibleRuleError(TypeError):
+    """A rule was mapped onto a layer it cannot handle."""
+
+
+def stabilize(z: torch.Tensor, epsilon: float) -> torch.Tensor:
+    """``z + ε·sign(z)`` with ``sign(0) := 1``: keeps the sign, moves away from zero."""
+    return z + epsilon * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+
+
+def layer_with_params(layer: nn.Module, fn) -> nn.Module:
+    """A frozen copy of ``layer`` whose weight and bias are ``fn(param, name)`` (``None`` bias stays ``None``)."""
+    new = copy.deepcopy(layer)
+    for name in ("weight", "bias"):
+        p = getattr(layer, name, None)
+        if isinstance(p, torch.Tensor):
+            setattr(new, name, nn.Parameter(fn(p.detach(), name), requires_grad=False))
+    return new
+
+
+def bias_relevance(layer: nn.Module, s: torch.Tensor) -> torch.Tensor | None:
+    """Relevance absorbed by the bias of a Linear/Conv layer, ``Σ_j b_j s_j`` per sample, or None."""
+    b = getattr(layer, "bias", None)
+    if not isinstance(b, torch.Tensor) or not isinstance(layer, LINEAR_TYPES + (Scale,)):
+        return None
+    if isinstance(layer, Scale):
+        return (s * b.view(layer._shape(s))).flatten(1).sum(1)
+    if isinstance(layer, nn.Linear):
+        return (s.flatten(0, -2) @ b).view(s.shape[:-1]).flatten(1).sum(1) if s.ndim > 2 else s @ b
+    return (s.flatten(2).sum(2) @ b)
+
+
+class Rule:
+    """Base class of all rules; by itself the generic rule with ``ε = self.epsilon`` and no modification.
+
+    Subclasses override ``modify_input``, ``modify_param``, ``modify_denominator`` (generic rules) or ``lrp``
+    (closed forms). ``targets`` are the layer types that :class:`~lrpkit.composites.GlobalMap` assigns the rule
+    to; ``accepts`` says which layers the rule can handle at all.
+    """
+
+    epsilon: float = 1e-9
+    targets: tuple = LINEAR_TYPES + POOL_TYPES + NORM_TYPES + (Scale,)
+    accepted: tuple = LINEAR_TYPES + POOL_TYPES + NORM_TYPES + ACTIVATION_TYPES + RESHAPE_TYPES + (Scale,)
+
+    # -- the protocol -------------------------------------------------------------------------------------
+    def modify_input(self, a: torch.Tensor) -> torch.Tensor:
+        return a
+
+    def modify_param(self, p: torch.Tensor, name: str) -> torch.Tensor:
+        return p
+
+    def modify_denominator(self, z: torch.Tensor) -> torch.Tensor:
+        return stabilize(z, self.epsilon)
+
+    # -- machinery ------------------------------------------------------------------------------------------
+    def accepts(self, layer: nn.Module) -> bool:
+        return isinstance(layer, self.accepted)
+
+    def check(self, layer: nn.Module) -> None:
+        """Raise :class:`IncompatibleRuleError` if this rule cannot handle ``layer``."""
+        if not self.accepts(layer):
+            raise IncompatibleRuleError(
+                f"{self!r} cannot handle a {type(layer).__name__} layer "
+                f"(it handles {', '.join(sorted({t.__name__ for t in self.accepted}))})")
+
+    @property
+    def modifies_input(self) -> bool:
+        return type(self).modify_input is not Rule.modify_input
+
+    @property
+    def modifies_params(self) -> bool:
+        return type(self).modify_param is not Rule.modify_param
+
+    def prepare(self, layer: nn.Module):
+        """Built once per analyzer: the layer with modified parameters, or None."""
+        return layer_with_params(layer, self.modify_param) if self.modifies_params else None
+
+    def forward(self, step: Step, x: torch.Tensor, prop: Propagation) -> Record:
+        """Run the layer in the recording forward pass; keep the graph only if ``lrp`` reuses it."""
+        a = x.detach()
+        if self.modifies_input or self.modifies_params:
+            with torch.no_grad():
+                return Record(a, step.layer(a))
+        a.requires_grad_(True)
+        with torch.enable_grad():
+            return Record(a, step.layer(a))
+
+    def lrp(self, step: Step, rec: Record, R: torch.Tensor, prop: Propagation) -> torch.Tensor:
+        """Generic rule: ``z = layer'(ã); s = R / z'; c = (∂z/∂ã)ᵀ s; R_in = ã ⊙ c``."""
+        layer = step.state if step.state is not None else step.layer
+        if self.modifies_input or self.modifies_params:
+            with torch.enable_grad():
+                a = self.modify_input(rec.input).detach().requires_grad_(True)
+                z = layer(a)
+        else:
+            a, z = rec.input, rec.output
+        s = R / self.modify_denominator(z.detach())
+        (c,) = torch.autograd.grad(z, a, s)
+        sink = bias_relevance(layer, s)
+        if sink is not None:
+            rec.absorbed["bias"] = sink
+        return a.detach() * c
+
+    def remainder_category(self, layer: nn.Module) -> str:
+        """Where the relevance a layer loses beyond its explicit sinks is reported in the accounting."""
+        return "stabilizer"
+
+    def __repr__(self) -> str:
+        fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))
+        return f"{type(self).__name__}({fields})"

@@ -1,0 +1,168 @@
+"""The basic LRP rules for Linear, Conv1d/2d/3d, pooling, element-wise and reshaping layers.
+
+Notation: layer ``z_j = Σ_i a_i w_ij + b_j``; ``R_j`` the relevance of output ``j``; ``stab(z) = z + ε·sign(z)``
+with ``sign(0) := 1``; ``t⁺ = max(t, 0)``, ``t⁻ = min(t, 0)``. Formulas and defaults follow zennit and
+RelevancePropagation.jl; references per rule.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..propagate import Propagation, Record, Step
+from .base import ACTIVATION_TYPES, LINEAR_TYPES, NORM_TYPES, RESHAPE_TYPES, Rule
+from .terms import Group, Term, TermRule, neg, no_bias, pos, same
+
+
+class ZeroRule(Rule):
+    """LRP-0: ``R_i = Σ_j a_i w_ij / z_j · R_j`` (Bach et al. 2015), stabilised with ε = 1e-9."""
+
+    def __init__(self, epsilon: float = 1e-9):
+        self.epsilon = epsilon
+
+
+class EpsilonRule(Rule):
+    """LRP-ε: ``R_i = Σ_j a_i w_ij / (z_j + ε·sign(z_j)) · R_j`` (Bach et al. 2015; Montavon et al. 2019)."""
+
+    def __init__(self, epsilon: float = 1e-6):
+        self.epsilon = epsilon
+
+
+class GammaRule(Rule):
+    """LRP-γ: ``R_i = Σ_j a_i (w_ij + γ w_ij⁺) / stab(Σ_i a_i (w_ij + γ w_ij⁺) + b_j + γ b_j⁺) · R_j``
+    (Montavon et al. 2019). Meant for non-negative inputs; see :class:`GeneralizedGammaRule` otherwise."""
+
+    targets = LINEAR_TYPES
+    accepted = LINEAR_TYPES
+
+    def __init__(self, gamma: float = 0.25, epsilon: float = 1e-6):
+        self.gamma, self.epsilon = gamma, epsilon
+
+    def modify_param(self, p, name):
+        return p + self.gamma * p.clamp(min=0)
+
+
+class WSquareRule(Rule):
+    """LRP-w²: ``R_i = Σ_j w_ij² / Σ_i' w_i'j² · R_j`` (Montavon et al. 2017, deep Taylor decomposition).
+    Input replaced by ones, parameters (weight and bias, as in zennit) squared."""
+
+    targets = LINEAR_TYPES
+    accepted = LINEAR_TYPES
+
+    def __init__(self, epsilon: float = 1e-6):
+        self.epsilon = epsilon
+
+    def modify_input(self, a):
+        return torch.ones_like(a)
+
+    def modify_param(self, p, name):
+        return p ** 2
+
+
+class FlatRule(Rule):
+    """LRP-flat: ``R_i = Σ_j 1 / Σ_i' 1 · R_j``, i.e. ``R_j`` spread uniformly over the inputs in ``j``'s
+    receptive field (Lapuschkin et al. 2019). Input and weights replaced by ones, bias by zero."""
+
+    targets = LINEAR_TYPES
+    accepted = LINEAR_TYPES
+
+    def __init__(self, epsilon: float = 1e-6):
+        self.epsilon = epsilon
+
+    def modify_input(self, a):
+        return torch.ones_like(a)
+
+    def modify_param(self, p, name):
+        return torch.zeros_like(p) if name == "bias" else torch.ones_like(p)
+
+
+class PassRule(Rule):
+    """Pass the relevance through unchanged: ``R_in = R`` (reshaped to the input's shape).
+
+    For element-wise activations (the rule of the LRP literature for ReLU/GELU in a relevance pass), identity,
+    dropout and reshaping layers. Conserves exactly.
+    """
+
+    targets = ()
+
+    def __init__(self):
+        pass
+
+    def accepts(self, layer) -> bool:
+        from ..layers import LayerNormalize, PatchFlatten, Scale  # noqa: F401  (element-count preserving)
+
+        return isinstance(layer, ACTIVATION_TYPES + RESHAPE_TYPES + NORM_TYPES + (torch.nn.Identity,
+                                                                               torch.nn.Dropout,
+                                                                               LayerNormalize, Scale,
+                                                                               PatchFlatten))
+
+    def forward(self, step: Step, x: torch.Tensor, prop: Propagation) -> Record:
+        with torch.no_grad():
+            return Record(x.detach(), step.layer(x.detach()))
+
+    def lrp(self, step, rec, R, prop):
+        if R.numel() != rec.input.numel():
+            raise ValueError(f"PassRule needs a layer that keeps the number of elements; "
+                             f"{type(step.layer).__name__} maps {tuple(rec.input.shape)} to {tuple(R.shape)}")
+        return R.reshape(rec.input.shape)
+
+
+class ZPlusRule(TermRule):
+    """LRP-z⁺: ``R_i = Σ_j (a_i⁺ w_ij⁺ + a_i⁻ w_ij⁻) / stab(Σ_i' a_i'⁺ w_i'j⁺ + a_i'⁻ w_i'j⁻ + b_j⁺) · R_j``
+    (Montavon et al. 2017), equivalent to α=1, β=0; negative inputs allowed as in zennit."""
+
+    def __init__(self, stabilizer: float = 1e-6):
+        self.stabilizer = stabilizer
+
+    def groups(self):
+        return (Group((Term(pos, pos), Term(neg, no_bias(neg)))),)
+
+
+class AlphaBetaRule(TermRule):
+    """LRP-αβ: ``R_i = Σ_j (α (a_i w_ij)⁺ / z_j⁺ − β (a_i w_ij)⁻ / z_j⁻) R_j`` with α − β = 1 (Bach et al. 2015).
+    ``(a w)⁺ = a⁺w⁺ + a⁻w⁻`` and ``(a w)⁻ = a⁺w⁻ + a⁻w⁺``; the positive bias enters z⁺, the negative z⁻."""
+
+    def __init__(self, alpha: float = 2.0, beta: float = 1.0, stabilizer: float = 1e-6):
+        if alpha < 0 or beta < 0:
+            raise ValueError(f"AlphaBetaRule needs alpha >= 0 and beta >= 0, got alpha={alpha}, beta={beta}")
+        if abs(alpha - beta - 1) > 1e-12:
+            raise ValueError(f"AlphaBetaRule needs alpha - beta = 1 to conserve relevance, got {alpha} - {beta}")
+        self.alpha, self.beta, self.stabilizer = alpha, beta, stabilizer
+
+    def groups(self):
+        return (Group((Term(pos, pos), Term(neg, no_bias(neg))), weight=self.alpha),
+                Group((Term(pos, neg), Term(neg, no_bias(pos))), weight=-self.beta))
+
+
+class ZBoxRule(TermRule):
+    """LRP-z^B for inputs bounded by ``low <= a <= high`` (Montavon et al. 2017):
+    ``R_i = Σ_j (a_i w_ij − l_i w_ij⁺ − h_i w_ij⁻) / stab(z_j − Σ_i l_i w_ij⁺ − h_i w_ij⁻ − b_j⁺ − b_j⁻) · R_j``.
+    ``low``/``high``: floats or tensors broadcastable to one sample (e.g. (1, 3, 1, 1) per channel)."""
+
+    def __init__(self, low, high, stabilizer: float = 1e-6):
+        self.low, self.high, self.stabilizer = low, high, stabilizer
+
+    def _bound(self, value):
+        def fn(a, name=""):
+            return torch.as_tensor(value, dtype=a.dtype, device=a.device).expand_as(a)
+        return fn
+
+    def groups(self):
+        return (Group((Term(same, same), Term(self._bound(self.low), pos, -1.0),
+                       Term(self._bound(self.high), neg, -1.0))),)
+
+
+class GeneralizedGammaRule(TermRule):
+    """Generalised LRP-γ for inputs of any sign (Andéol et al. 2021; zennit's ``Gamma``). For ``z_j > 0``:
+    ``R_i = Σ_j (a_i⁺ (w_ij + γw_ij⁺) + a_i⁻ (w_ij + γw_ij⁻)) / stab(z_j^↑) · R_j``, with ``z^↑`` the sum of those
+    products plus ``b + γb⁺``; for ``z_j < 0`` the same with the roles of ⁺ and ⁻ in the weights swapped."""
+
+    def __init__(self, gamma: float = 0.25, stabilizer: float = 1e-6):
+        self.gamma, self.stabilizer = gamma, stabilizer
+
+    def groups(self):
+        g = self.gamma
+        up_p = lambda p, name: p + g * p.clamp(min=0)  # noqa: E731
+        up_n = lambda p, name: p + g * p.clamp(max=0)  # noqa: E731
+        return (Group((Term(pos, up_p), Term(neg, no_bias(up_n))), mask=lambda z: (z > 0).to(z.dtype)),
+                Group((Term(pos, up_n), Term(neg, no_bias(up_p))), mask=lambda z: (z < 0).to(z.dtype)))

@@ -1,0 +1,56 @@
+"""Rules for the container layers: residual connections and parallel branches.
+
+Both split the relevance of a sum in proportion to its summands (Montavon et al. 2019, §10.2; zennit's ``Norm``
+rule on its ``Sum`` layer), then propagate each share through its branch with the branch's own rules.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..layers import SkipConnection, Sum
+from ..propagate import Propagation, Record, Step
+from .base import Rule, stabilize
+
+
+class _SplitRule(Rule):
+    targets = ()
+
+    def __init__(self, epsilon: float = 1e-6):
+        self.epsilon = epsilon
+
+    def forward(self, step: Step, x: torch.Tensor, prop: Propagation) -> Record:
+        x = x.detach()
+        outs, records = [], []
+        for branch in step.children:
+            out, recs = prop.forward(branch, x)
+            outs.append(out.detach())
+            records.append(recs)
+        if isinstance(step.layer, SkipConnection):
+            outs.insert(0, x)
+        y = sum(outs)
+        return Record(x, y, extras={"summands": outs, "records": records})
+
+    def lrp(self, step: Step, rec: Record, R: torch.Tensor, prop: Propagation) -> torch.Tensor:
+        s = R / stabilize(rec.output, self.epsilon)
+        shares = [summand * s for summand in rec.extras["summands"]]
+        rec.absorbed["stabilizer"] = (R - sum(shares)).flatten(1).sum(1)
+        identity = isinstance(step.layer, SkipConnection)
+        R_in = shares[0] if identity else torch.zeros_like(rec.input)
+        for branch, recs, share in zip(step.children, rec.extras["records"], shares[int(identity):]):
+            R_in = R_in + prop.backward(branch, recs, share)
+        return R_in
+
+
+class SkipConnectionRule(_SplitRule):
+    """Residual split for ``y = a + f(a)``: ``R_a = a / stab(y) ⊙ R``, ``R_f = f(a) / stab(y) ⊙ R``;
+    ``R_f`` is propagated through ``f`` and the result added to ``R_a``. Conserves up to the stabiliser."""
+
+    accepted = (SkipConnection,)
+
+
+class SumRule(_SplitRule):
+    """Parallel split for ``y = Σ_i f_i(a)``: ``R_i = f_i(a) / stab(y) ⊙ R``, each propagated through its
+    branch, the inputs' relevances added. Conserves up to the stabiliser."""
+
+    accepted = (Sum,)

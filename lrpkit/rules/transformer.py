@@ -1,0 +1,253 @@
+"""Rules for the transformer layers: attention, positional embedding, LayerNorm and the token layers.
+
+References: Ali et al. 2022, "XAI for Transformers: Better Explanations through Conservative Propagation"
+(CP-LRP: attention probabilities and LayerNorm σ held constant); Achtibat et al. 2024, "AttnLRP: Attention-Aware
+Layer-Wise Relevance Propagation for Transformers"; RelevancePropagation.jl pull request #15 (SelfAttentionRule,
+PositionalEmbeddingRule, SelectClassToken). Notation as in :mod:`lrpkit.rules.basic`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..layers import (ClassToken, LayerNormalize, PatchFlatten, PositionalEmbedding, SelectClassToken,
+                      SelfAttention, TokenMean)
+from ..propagate import Propagation, Record, Step
+from .base import Rule, stabilize
+from .basic import EpsilonRule
+
+
+def _per_sample(t: torch.Tensor) -> torch.Tensor:
+    return t.flatten(1).sum(1)
+
+
+class _ClosedFormRule(Rule):
+    """A rule computed in closed form from the recorded input and output: no graph is kept."""
+
+    targets = ()
+
+    def forward(self, step: Step, x: torch.Tensor, prop: Propagation) -> Record:
+        with torch.no_grad():
+            return Record(x.detach(), step.layer(x.detach()))
+
+
+class PatchFlattenRule(_ClosedFormRule):
+    """Inverse of :class:`~lrpkit.layers.PatchFlatten`: ``R_in[b, c, h, w] = R[b, h·W + w, c]``. Conserves."""
+
+    accepted = (PatchFlatten,)
+
+    def lrp(self, step, rec, R, prop):
+        return R.transpose(1, 2).reshape(rec.input.shape)
+
+
+class ClassTokenRule(_ClosedFormRule):
+    """Drops the prefix tokens: ``R_in = R[:, P:]``. The prefix tokens' relevance (constants, not input) is
+    reported in the accounting as ``class_token``, ``distillation_token`` and ``register_tokens``
+    (RelevancePropagation.jl maps a ZeroRule onto this layer, which has the same effect)."""
+
+    accepted = (ClassToken,)
+    _keys = {"class": "class_token", "distillation": "distillation_token", "register": "register_tokens"}
+
+    def lrp(self, step, rec, R, prop):
+        layer = step.layer
+        for i, kind in enumerate(layer.kinds):
+            key = self._keys[kind]
+            rec.absorbed[key] = rec.absorbed.get(key, 0) + _per_sample(R[:, i])
+        return R[:, layer.num_prefix:]
+
+
+class PositionalEmbeddingRule(_ClosedFormRule):
+    """``y = x + e``: ``R_x = x / stab(x + e) ⊙ R``; the rest, ``e / stab(x + e) ⊙ R``, stays with the embedding
+    (reported as ``positional_embedding``). RelevancePropagation.jl's PositionalEmbeddingRule."""
+
+    accepted = (PositionalEmbedding,)
+
+    def __init__(self, epsilon: float = 1e-6):
+        self.epsilon = epsilon
+
+    def lrp(self, step, rec, R, prop):
+        s = R / stabilize(rec.output, self.epsilon)
+        rec.absorbed["positional_embedding"] = _per_sample((rec.output - rec.input) * s)
+        return rec.input * s
+
+
+class SelectClassTokenRule(_ClosedFormRule):
+    """``y = x[:, i]``: all relevance to the selected token, ``R_in[:, i] = R``, zero elsewhere. Conserves."""
+
+    accepted = (SelectClassToken,)
+
+    def lrp(self, step, rec, R, prop):
+        R_in = torch.zeros_like(rec.input)
+        R_in[:, step.layer.index] = R
+        return R_in
+
+
+class TokenMeanRule(_ClosedFormRule):
+    """``y = 1/M Σ_{n>=start} x_n``: ``R_in[:, n] = x_n / M / stab(y) ⊙ R`` for ``n >= start``, zero for the
+    prefix tokens (LRP-ε on the mean)."""
+
+    accepted = (TokenMean,)
+
+    def __init__(self, epsilon: float = 1e-6):
+        self.epsilon = epsilon
+
+    def lrp(self, step, rec, R, prop):
+        start = step.layer.start
+        tokens = rec.input[:, start:]
+        s = R / stabilize(rec.output, self.epsilon)
+        R_in = torch.zeros_like(rec.input)
+        R_in[:, start:] = tokens * s.unsqueeze(1) / tokens.shape[1]
+        return R_in
+
+
+class LayerNormRule(_ClosedFormRule):
+    """LRP-ε through ``y = (x − μ(x)) / σ`` with σ held constant (Ali et al. 2022): with ``s = R / stab(y)``,
+    ``R_x = x / σ ⊙ (s − mean(s))``. Conserves: ``Σ R_x = Σ (y + μ/σ) s − (Σ x/σ) mean(s) = Σ R`` up to ε."""
+
+    accepted = (LayerNormalize,)
+
+    def __init__(self, epsilon: float = 1e-6):
+        self.epsilon = epsilon
+
+    def lrp(self, step, rec, R, prop):
+        s = R / stabilize(rec.output, self.epsilon)
+        return rec.input / step.layer.sigma(rec.input) * (s - s.mean(-1, keepdim=True))
+
+
+def _linear_rows(linear: nn.Linear, rows: slice) -> nn.Linear:
+    """A frozen Linear made of some output rows of ``linear``."""
+    w = linear.weight.detach()[rows]
+    out = nn.Linear(w.shape[1], w.shape[0], bias=linear.bias is not None, device=w.device, dtype=w.dtype)
+    out.weight = nn.Parameter(w.clone(), requires_grad=False)
+    if linear.bias is not None:
+        out.bias = nn.Parameter(linear.bias.detach()[rows].clone(), requires_grad=False)
+    return out
+
+
+def bilinear_lrp(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, R: torch.Tensor, eps: float,
+                 fn) -> tuple[torch.Tensor, torch.Tensor]:
+    """AttnLRP's uniform rule for a product ``out = fn(x, y)`` that is linear in each factor:
+    ``R_x = x ⊙ ∂(s·out)/∂x``, ``R_y = y ⊙ ∂(s·out)/∂y`` with ``s = R / (2·stab(out))`` — each factor gets half."""
+    with torch.enable_grad():
+        x_, y_ = x.detach().requires_grad_(True), y.detach().requires_grad_(True)
+        z = fn(x_, y_)
+    s = R / (2 * stabilize(out, eps))
+    gx, gy = torch.autograd.grad(z, (x_, y_), s)
+    return x * gx, y * gy
+
+
+class SelfAttentionRule(Rule):
+    """Relevance through :class:`~lrpkit.layers.SelfAttention`.
+
+    ``mode="cp"`` (CP-LRP, Ali et al. 2022; RelevancePropagation.jl's SelfAttentionRule): the attention
+    probabilities A are held constant, so relevance reaches the input only through the values. Per head,
+    ``y = A v``: ``R_v[j] = v[j] ⊙ Σ_i A[i, j] R_y[i] / stab(y[i])``; the query and key paths get none. The output
+    projection uses ``out_rule``, the value projection ``value_rule`` (default LRP-ε for both). Conserves up to the
+    stabilisers and the biases.
+
+    ``mode="attnlrp"`` (Achtibat et al. 2024): both matrix products (``q kᵀ`` and ``A v``) split relevance evenly
+    between their factors (:func:`bilinear_lrp`); the softmax gets ``R_S = S ⊙ (R_A − A ⊙ Σ_j R_A)`` (its Taylor /
+    LRP-ε rule); qk-norms the LayerNorm rule; the whole qkv projection ``value_rule``. The softmax is not
+    conservative (its bias term); the loss appears in the accounting under ``attention``.
+    """
+
+    targets = ()
+    accepted = (SelfAttention,)
+
+    def __init__(self, value_rule: Rule | None = None, out_rule: Rule | None = None, mode: str = "cp",
+                 epsilon: float = 1e-6):
+        if mode not in ("cp", "attnlrp"):
+            raise ValueError(f"SelfAttentionRule mode must be 'cp' or 'attnlrp', got {mode!r}")
+        self.value_rule = value_rule if value_rule is not None else EpsilonRule()
+        self.out_rule = out_rule if out_rule is not None else EpsilonRule()
+        self.mode, self.epsilon = mode, epsilon
+
+    def check(self, layer):
+        super().check(layer)
+        for rule, part in ((self.value_rule, layer.qkv), (self.out_rule, layer.proj)):
+            rule.check(part)
+        if self.mode == "attnlrp":
+            for norm in (layer.q_norm, layer.k_norm):
+                if not isinstance(norm, (nn.Identity, nn.LayerNorm)):
+                    raise TypeError(f"SelfAttentionRule(mode='attnlrp') handles LayerNorm qk-norms, got {norm}")
+
+    def prepare(self, layer: SelfAttention):
+        d = layer.qkv.out_features // 3
+        value = _linear_rows(layer.qkv, slice(2 * d, 3 * d)) if self.mode == "cp" else layer.qkv
+        sub = {"value": Step(value, self.value_rule, -1, "value", "value"),
+               "out": Step(layer.proj, self.out_rule, -1, "proj", "proj")}
+        if self.mode == "cp":
+            sub["qk"] = _linear_rows(layer.qkv, slice(0, 2 * d))
+        for step in (sub["value"], sub["out"]):
+            step.state = step.rule.prepare(step.layer)
+        return sub
+
+    # -- forward ------------------------------------------------------------------------------------------
+    def forward(self, step: Step, x: torch.Tensor, prop: Propagation) -> Record:
+        layer, sub = step.layer, step.state
+        x = x.detach()
+        if self.mode == "cp":
+            v_rec = self.value_rule.forward(sub["value"], x, prop)
+            with torch.no_grad():
+                q, k = sub["qk"](x).chunk(2, dim=-1)
+                q, k = layer.q_norm(layer.split_heads(q)), layer.k_norm(layer.split_heads(k))
+                attn = layer.attention(q, k)
+                v = layer.split_heads(v_rec.output.detach())
+                y = attn @ v
+            extras = {"value": v_rec, "attn": attn, "v": v, "y": y}
+        else:
+            v_rec = self.value_rule.forward(sub["value"], x, prop)
+            with torch.no_grad():
+                q, k, v = (layer.split_heads(t) for t in v_rec.output.detach().chunk(3, dim=-1))
+                qn, kn = layer.q_norm(q), layer.k_norm(k)
+                scores = (qn * layer.scale) @ kn.transpose(-2, -1)
+                attn = scores.softmax(-1)
+                y = attn @ v
+            extras = {"value": v_rec, "attn": attn, "q": q, "k": k, "qn": qn, "kn": kn, "v": v,
+                      "scores": scores, "y": y}
+        o_rec = self.out_rule.forward(sub["out"], layer.merge_heads(y), prop)
+        extras["out"] = o_rec
+        return Record(x, o_rec.output.detach(), extras=extras)
+
+    # -- backward -----------------------------------------------------------------------------------------
+    def lrp(self, step: Step, rec: Record, R: torch.Tensor, prop: Propagation) -> torch.Tensor:
+        layer, sub, e = step.layer, step.state, rec.extras
+        R_y = layer.split_heads(self.out_rule.lrp(sub["out"], e["out"], R, prop))
+        if self.mode == "cp":
+            s = R_y / stabilize(e["y"], self.epsilon)
+            R_v = e["v"] * (e["attn"].transpose(-2, -1) @ s)
+            R_t = layer.merge_heads(R_v)
+        else:
+            R_t = self._attnlrp(layer, e, R_y)
+        R_in = self.value_rule.lrp(sub["value"], e["value"], R_t, prop)
+        bias = [r.absorbed["bias"] for r in (e["out"], e["value"]) if "bias" in r.absorbed]
+        if bias:
+            rec.absorbed["bias"] = sum(bias)
+        return R_in
+
+    def _attnlrp(self, layer: SelfAttention, e: dict, R_y: torch.Tensor) -> torch.Tensor:
+        eps = self.epsilon
+        R_attn, R_v = bilinear_lrp(e["attn"], e["v"], e["y"], R_y, eps, torch.matmul)
+        A, S = e["attn"], e["scores"]
+        g = R_attn / stabilize(A, eps) * A  # = R_A up to the stabiliser
+        R_S = S * (g - A * g.sum(-1, keepdim=True))
+        R_qn, R_kn = bilinear_lrp(e["qn"], e["kn"], S, R_S, eps,
+                                  lambda q, k: (q * layer.scale) @ k.transpose(-2, -1))
+        R_q = _norm_lrp(layer.q_norm, e["q"], e["qn"], R_qn, eps)
+        R_k = _norm_lrp(layer.k_norm, e["k"], e["kn"], R_kn, eps)
+        return torch.cat([layer.merge_heads(t) for t in (R_q, R_k, R_v)], dim=-1)
+
+    def remainder_category(self, layer) -> str:
+        return "attention" if self.mode == "attnlrp" else "stabilizer"
+
+
+def _norm_lrp(norm: nn.Module, x: torch.Tensor, y: torch.Tensor, R: torch.Tensor, eps: float) -> torch.Tensor:
+    """LRP-ε through a qk-norm (LayerNorm with σ held constant, affine part included), or pass for Identity."""
+    if isinstance(norm, nn.Identity):
+        return R
+    s = R / stabilize(y, eps)
+    w = norm.weight if norm.weight is not None else 1.0
+    sigma = torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + norm.eps)
+    g = s * w
+    return x / sigma * (g - g.mean(-1, keepdim=True))
