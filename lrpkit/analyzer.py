@@ -47,6 +47,28 @@ def _patch_size(chain: Chain):
     return None
 
 
+def resolve_target(output: torch.Tensor, target) -> torch.Tensor:
+    """The explained class per sample (B,): argmax for None, an int for all, or one index per sample;
+    clear errors for a wrong count, a non-integer or an index out of range."""
+    b = output.shape[0]
+    if output.ndim != 2:
+        raise ValueError(f"a target needs an output of shape (batch, classes), got {tuple(output.shape)}; "
+                         f"pass the output relevance R explicitly")
+    if target is None:
+        return output.argmax(1)
+    t = torch.as_tensor(target, device=output.device)
+    if t.is_floating_point():
+        raise TypeError(f"target must be an int or integer indices, got {t.dtype}")
+    t = t.long().expand(b) if t.ndim == 0 else t.long().flatten()
+    if t.numel() != b:
+        raise ValueError(f"target has {t.numel()} entries for a batch of {b}; give one per sample or one int")
+    bad = (t < 0) | (t >= output.shape[1])
+    if bad.any():
+        raise ValueError(f"target {t[bad].tolist()} out of range: the model has {output.shape[1]} outputs "
+                         f"(0..{output.shape[1] - 1})")
+    return t
+
+
 class LRP:
     """A reusable LRP analyzer: ``LRP(model, composite=None)`` canonizes ``model`` once (a frozen eval-mode copy;
     ``model`` is never modified), maps rules with ``composite`` (default: :func:`lrpkit.presets.default_composite`)
@@ -94,26 +116,6 @@ class LRP:
             hint = " (add the batch dimension with x.unsqueeze(0))" if x.ndim == len(expected.split(",")) - 1 else ""
             raise ValueError(f"x has shape {tuple(x.shape)} but the first layer ({first}) expects {expected}{hint}")
 
-    @staticmethod
-    def _targets(output: torch.Tensor, target) -> torch.Tensor:
-        b = output.shape[0]
-        if output.ndim != 2:
-            raise ValueError(f"a target needs an output of shape (batch, classes), got {tuple(output.shape)}; "
-                             f"pass the output relevance R explicitly")
-        if target is None:
-            return output.argmax(1)
-        t = torch.as_tensor(target, device=output.device)
-        if t.is_floating_point():
-            raise TypeError(f"target must be an int or integer indices, got {t.dtype}")
-        t = t.long().expand(b) if t.ndim == 0 else t.long().flatten()
-        if t.numel() != b:
-            raise ValueError(f"target has {t.numel()} entries for a batch of {b}; give one per sample or one int")
-        bad = (t < 0) | (t >= output.shape[1])
-        if bad.any():
-            raise ValueError(f"target {t[bad].tolist()} out of range: the model has {output.shape[1]} outputs "
-                             f"(0..{output.shape[1] - 1})")
-        return t
-
     # -- the analysis ---------------------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, target=None, *, R: torch.Tensor | None = None,
                  normalize_output: bool = True, layerwise: bool = False) -> Explanation:
@@ -137,7 +139,7 @@ class LRP:
                 raise ValueError(f"R has shape {tuple(R.shape)} but the output has shape {tuple(output.shape)}")
             R_out, target_idx = R.to(output), None
         else:
-            target_idx = self._targets(output, target)
+            target_idx = resolve_target(output, target)
             mask = torch.zeros_like(output).scatter_(1, target_idx[:, None], 1.0)
             R_out = mask if normalize_output else mask * output
         trace = [] if layerwise else None

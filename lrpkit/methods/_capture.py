@@ -1,0 +1,40 @@
+"""Run a canonized chain while keeping every attention-probability tensor (and, on request, its gradient).
+
+Shared by the attention-based explainers. The chain's own layers are called; nothing is patched or hooked.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..analyzer import resolve_target
+from ..layers import Chain, SelfAttention, SkipConnection, Sum
+
+
+def run_with_attention(chain: Chain, x: torch.Tensor, store: list) -> torch.Tensor:
+    """``chain(x)``, appending each block's attention probabilities A (B, heads, N, N) to ``store`` in order."""
+    for layer in chain:
+        if isinstance(layer, SkipConnection):
+            x = x + run_with_attention(layer.inner, x, store)
+        elif isinstance(layer, Sum):
+            x = sum(run_with_attention(branch, x, store) for branch in layer.branches)
+        elif isinstance(layer, SelfAttention):
+            x, attn = layer(x, return_attention=True)
+            store.append(attn)
+        else:
+            x = layer(x)
+    return x
+
+
+def attention_and_gradients(chain: Chain, x: torch.Tensor, target=None, with_grad: bool = True):
+    """Output (B, K), target (B,), attentions [A_1..A_L] and, if ``with_grad``, gradients [∂y_t/∂A_1..] paired
+    block by block (gradient b belongs to attention b). ``target``: None (argmax), int or per-sample indices."""
+    attns: list = []
+    with torch.enable_grad():
+        out = run_with_attention(chain, x, attns)
+        t = resolve_target(out.detach(), target)
+        grads = None
+        if with_grad:
+            picked = out.gather(1, t[:, None]).sum()
+            grads = [g.detach() for g in torch.autograd.grad(picked, attns)]
+    return out.detach(), t, [a.detach() for a in attns], grads
