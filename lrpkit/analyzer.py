@@ -148,7 +148,8 @@ class LRP:
             trace = trace[::-1] + [R_out]
         return Explanation(relevance=relevance.detach(), output=output, target=target_idx, method="LRP",
                            layerwise=trace, accounting=_accounting(prop, R_out, relevance),
-                           patch_size=self.patch_size, input_size=tuple(x.shape[2:]) if x.ndim >= 3 else None)
+                           patch_size=self.patch_size, input_size=tuple(x.shape[2:]) if x.ndim >= 3 else None,
+                           extras=prop.store)
 
 
 def _leaves(steps):

@@ -45,9 +45,9 @@ class Propagation:
     relevance, per sample), split into the parts a rule reports explicitly (``Record.absorbed``) and a remainder.
     """
 
-    def __init__(self, keep_layerwise: bool = False):
-        self.keep_layerwise = keep_layerwise
+    def __init__(self):
         self.absorbed: list[tuple[Step, dict[str, torch.Tensor]]] = []
+        self.store: dict = {}  # what rules want to hand out (e.g. attention relevances), in Explanation.extras
 
     def forward(self, steps: list[Step], x: torch.Tensor) -> tuple[torch.Tensor, list[Record]]:
         """``a[k+1] = layer_k(a[k])``, recording each layer's input."""

@@ -1,0 +1,58 @@
+"""What every explainer in :mod:`lrpkit.methods` shares: canonization once, input checks, the ViT token geometry."""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import nn
+
+from ..canonize import canonize
+from ..layers import Chain, ClassToken, SelfAttention
+from ..analyzer import _patch_size
+
+
+class Explainer:
+    """Base class: ``Explainer(model)`` canonizes ``model`` once into ``self.chain`` (a frozen eval-mode copy; the
+    user's model is never modified); ``explainer(x, target=None) -> Explanation``."""
+
+    name = "Explainer"
+    needs_attention = False
+
+    def __init__(self, model: nn.Module):
+        if isinstance(model, nn.Module) and model.training:
+            warnings.warn(f"the model is in training mode; {self.name} explains its eval-mode behaviour on a copy "
+                          f"and leaves your model as it is", stacklevel=3)
+        self.chain: Chain = canonize(model)
+        self.patch_size = _patch_size(self.chain)
+        if self.needs_attention and not any(isinstance(m, SelfAttention) for m in self.chain.modules()):
+            raise TypeError(f"{self.name} needs a vision transformer (a model with self-attention layers); "
+                            f"got {type(model).__name__}")
+        ref = next(iter(self.chain.parameters()), None)
+        self.dtype = ref.dtype if ref is not None else None
+        self.device = ref.device if ref is not None else None
+
+    def check_input(self, x) -> None:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
+        if self.dtype is not None and x.dtype != self.dtype:
+            raise TypeError(f"x has dtype {x.dtype} but the model's parameters are {self.dtype}")
+        if self.device is not None and x.device != self.device:
+            raise ValueError(f"x is on {x.device} but the model is on {self.device}; use x.to('{self.device}')")
+        if self.patch_size is not None and x.ndim != 4:
+            raise ValueError(f"x must be a batch of images (B, C, H, W), got shape {tuple(x.shape)}")
+
+    def num_prefix(self) -> int:
+        """Number of prefix tokens (class, distillation, register) before the patch tokens."""
+        for m in self.chain.modules():
+            if isinstance(m, ClassToken):
+                return m.num_prefix
+        return 0
+
+    def grid(self, x: torch.Tensor) -> tuple[int, int]:
+        """(grid_h, grid_w): the patch grid of input ``x``."""
+        ph, pw = self.patch_size
+        return x.shape[-2] // ph, x.shape[-1] // pw
+
+    def __call__(self, x: torch.Tensor, target=None):
+        raise NotImplementedError
