@@ -1,0 +1,117 @@
+"""LRP speed and memory against the plain input gradient, side by side in one run.
+
+    uv run python benchmarks/bench_lrp.py --suite cnn    # ResNet-50, VGG16: Epsilon-only and EpsilonPlusFlat
+    uv run python benchmarks/bench_lrp.py --suite vit    # vit_base_patch16_224: CPLRP (ε), CPLRP (γ on Linear)
+
+Random weights (nothing is downloaded); batch 1 and 8 by default; ``--device cuda`` on a GPU machine.
+Targets (issues 2 and 3): ε-only ≤ 1.15× (CNN) / ≤ 1.2× (ViT), EpsilonPlusFlat ≤ 1.6×, CPLRP with γ ≤ 2×,
+peak memory ≤ 1.5× the input gradient's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+import harness  # noqa: E402
+
+import lrpkit  # noqa: E402
+from lrpkit.composites import Composite, GlobalMap  # noqa: E402
+from lrpkit.rules import EpsilonRule  # noqa: E402
+
+SUITES = {
+    "cnn": [("resnet50", "epsilon"), ("resnet50", "EpsilonPlusFlat"), ("vgg16", "epsilon"),
+            ("vgg16", "EpsilonPlusFlat")],
+    "vit": [("vit_base_patch16_224", "CPLRP"), ("vit_base_patch16_224", "CPLRP-gamma")],
+}
+
+
+def build_model(name: str):
+    torch.manual_seed(0)
+    if name.startswith("vit") or name.startswith("deit"):
+        import timm
+        model = timm.create_model(name, pretrained=False)
+    else:
+        import torchvision
+        model = getattr(torchvision.models, name)()
+    return harness.freeze(model)
+
+
+def composite(name: str):
+    if name == "epsilon":
+        return Composite(GlobalMap(EpsilonRule()))
+    if name == "CPLRP":
+        return lrpkit.presets.CPLRP()
+    if name == "CPLRP-gamma":
+        return lrpkit.presets.CPLRP(gamma=0.25)
+    return getattr(lrpkit.presets, name)()
+
+
+def method_fn(model, method: str):
+    if method == "gradient":
+        return harness.input_gradient(model)
+    lrp = lrpkit.LRP(model, composite(method))
+    return lambda x, target: lrp(x, target).relevance
+
+
+def inputs(batch: int, device: str):
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(batch, 3, 224, 224, generator=g).to(device)
+    return x, torch.zeros(batch, dtype=torch.long, device=device)
+
+
+def memory_main(model_name, method, batch, device):
+    model = build_model(model_name).to(device)
+    fn = method_fn(model, method)
+    x, t = inputs(int(batch), device)
+    print(json.dumps(harness.peak_memory_mib(fn, x, t)))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--suite", choices=sorted(SUITES), default="cnn")
+    parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--no-memory", action="store_true")
+    parser.add_argument("--memory", nargs=4, metavar=("MODEL", "METHOD", "BATCH", "DEVICE"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.memory:
+        return memory_main(*args.memory)
+
+    rows, models = [], {}
+    for model_name, method in SUITES[args.suite]:
+        if model_name not in models:
+            models[model_name] = build_model(model_name).to(args.device)
+        model = models[model_name]
+        grad_fn, lrp_fn = method_fn(model, "gradient"), method_fn(model, method)
+        for batch in args.batch:
+            x, t = inputs(batch, args.device)
+            t_grad = harness.time_call(grad_fn, x, t, args.repeats)
+            t_lrp = harness.time_call(lrp_fn, x, t, args.repeats)
+            row = {"model": model_name, "method": method, "batch": batch, "gradient s": f"{t_grad:.3f}",
+                   "LRP s": f"{t_lrp:.3f}", "time ratio": f"{t_lrp / t_grad:.2f}"}
+            if not args.no_memory:
+                script = os.path.abspath(__file__)
+                m_grad = harness.memory_in_subprocess(script, [model_name, "gradient", str(batch), args.device])
+                m_lrp = harness.memory_in_subprocess(script, [model_name, method, str(batch), args.device])
+                row.update({"gradient MiB": f"{m_grad:.0f}", "LRP MiB": f"{m_lrp:.0f}",
+                            "memory ratio": f"{m_lrp / m_grad:.2f}"})
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+    columns = list(rows[0].keys())
+    print()
+    print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__}")
+    print(harness.table(rows, columns))
+
+
+if __name__ == "__main__":
+    main()
