@@ -70,6 +70,8 @@ class Propagation:
                 self.account(step, rec, R_out, R)
             else:
                 self.absorbed.append((step, dict(rec.absorbed)))
+            rec.input = rec.output = None  # free the activations as the loop goes down, as autograd does
+            rec.extras = {}
         return R
 
     def account(self, step: Step, rec: Record, R_out: torch.Tensor, R_in: torch.Tensor) -> None:
