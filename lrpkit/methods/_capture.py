@@ -30,11 +30,14 @@ def attention_and_gradients(chain: Chain, x: torch.Tensor, target=None, with_gra
     """Output (B, K), target (B,), attentions [A_1..A_L] and, if ``with_grad``, gradients [∂y_t/∂A_1..] paired
     block by block (gradient b belongs to attention b). ``target``: None (argmax), int or per-sample indices."""
     attns: list = []
+    if not with_grad:
+        with torch.no_grad():
+            out = run_with_attention(chain, x, attns)
+        return out, resolve_target(out, target), attns, None
+    x = x.detach().requires_grad_(True)  # the chain's parameters are frozen: the graph starts at the input
     with torch.enable_grad():
         out = run_with_attention(chain, x, attns)
         t = resolve_target(out.detach(), target)
-        grads = None
-        if with_grad:
-            picked = out.gather(1, t[:, None]).sum()
-            grads = [g.detach() for g in torch.autograd.grad(picked, attns)]
+        picked = out.gather(1, t[:, None]).sum()
+        grads = [g.detach() for g in torch.autograd.grad(picked, attns)]
     return out.detach(), t, [a.detach() for a in attns], grads
