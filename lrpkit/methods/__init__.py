@@ -1,6 +1,12 @@
 """Explainers that are not LRP (and Chefer's LRP variant): each ``Method(model, **options)(x, target=None)``
-returns an :class:`~lrpkit.Explanation` with ``heatmap`` (B, H, W), ``target`` and ``output``."""
+returns an :class:`~lrpkit.Explanation` with ``heatmap`` (B, H, W), ``target`` and ``output``; the token-level
+ones also ``patch_relevance`` (B, grid_h, grid_w)."""
 
+from .attention import AttentionGradCAM, GenericAttention, RawAttention
 from .base import Explainer
+from .gradient import Gradient, InputXGradient, IntegratedGradients, SmoothGrad
+from .rollout import AttentionRollout, GradientRollout
+from .vitcx import ViTCX
 
-__all__ = ["Explainer"]
+__all__ = ["Explainer", "AttentionRollout", "GradientRollout", "RawAttention", "AttentionGradCAM",
+           "GenericAttention", "ViTCX", "Gradient", "InputXGradient", "SmoothGrad", "IntegratedGradients"]
