@@ -8,8 +8,9 @@ Primitives (named as in RelevancePropagation.jl):
 
 - ``GlobalMap(rule)``: every layer in ``rule.targets`` (e.g. Linear/Conv/pooling for the basic rules);
 - ``GlobalTypeMap({type: rule})``: every layer of a type;
-- ``FirstLayerMap(rule)`` / ``FirstLayerTypeMap({type: rule})``: the first layer (the input layer);
-- ``LastLayerMap(rule)`` / ``LastLayerTypeMap({type: rule})``: the last layer (the output layer);
+- ``FirstLayerMap(rule)``: the first layer (the input layer) among ``rule.targets``; ``FirstLayerTypeMap({type:
+  rule})``: the first layer of one of the types (a leading ``Flatten`` is skipped, as in zennit's first-layer map);
+- ``LastLayerMap(rule)`` / ``LastLayerTypeMap({type: rule})``: the same for the last layer (the output layer);
 - ``RangeMap(range, rule)`` / ``RangeTypeMap(range, {type: rule})``: layers whose index lies in ``range``;
 - ``NameMap({name: rule})``: layers whose module path in the original model matches ``name`` (``fnmatch``
   patterns such as ``"blocks.*.mlp.fc1"`` allowed).
@@ -102,38 +103,53 @@ class GlobalTypeMap:
             self._match(s)
 
 
+def _end_layer(slots, matches, last: bool):
+    """The first (or last) leaf layer for which ``matches(layer)`` holds, or None."""
+    candidates = [s for s in _leaves(slots) if matches(s.layer)]
+    return (candidates[-1] if last else candidates[0]) if candidates else None
+
+
 class FirstLayerMap:
-    """Apply ``rule`` to the first (input) layer."""
+    """Apply ``rule`` to the first (input) layer: the first leaf layer whose type is in ``rule.targets``, so that a
+    leading ``Flatten`` is skipped as in zennit's first-layer map (for a rule without ``targets``: the first leaf).
+    Like the other primitives it selects nothing in a chain without such a layer."""
+
+    last = False
 
     def __init__(self, rule):
         self.rule = rule
 
-    def _slot(self, slots):
-        return _leaves(slots)[0]
-
     def apply(self, slots):
-        _assign(self._slot(slots), self.rule, type(self).__name__)
+        targets = getattr(self.rule, "targets", ())
+        slot = _end_layer(slots, lambda layer: not targets or isinstance(layer, targets), self.last)
+        if slot is not None:
+            _assign(slot, self.rule, type(self).__name__)
 
 
 class LastLayerMap(FirstLayerMap):
-    """Apply ``rule`` to the last (output) layer."""
+    """Apply ``rule`` to the last (output) layer: the last leaf layer whose type is in ``rule.targets`` (for a rule
+    without ``targets``: the last leaf)."""
 
-    def _slot(self, slots):
-        return _leaves(slots)[-1]
+    last = True
 
 
 class FirstLayerTypeMap(GlobalTypeMap):
-    """Apply ``{type: rule}`` to the first layer if its type matches."""
+    """Apply ``{type: rule}`` to the first leaf layer that is an instance of one of the types (zennit's
+    ``first_map``): ``FirstLayerTypeMap({nn.Conv2d: ZBoxRule(0, 1)})`` maps the first convolution."""
+
+    last = False
 
     def apply(self, slots):
-        self._match(_leaves(slots)[0])
+        types = tuple(t for key in self.mapping for t in (key if isinstance(key, tuple) else (key,)))
+        slot = _end_layer(slots, lambda layer: isinstance(layer, types), self.last)
+        if slot is not None:
+            self._match(slot)
 
 
-class LastLayerTypeMap(GlobalTypeMap):
-    """Apply ``{type: rule}`` to the last layer if its type matches."""
+class LastLayerTypeMap(FirstLayerTypeMap):
+    """Apply ``{type: rule}`` to the last leaf layer that is an instance of one of the types."""
 
-    def apply(self, slots):
-        self._match(_leaves(slots)[-1])
+    last = True
 
 
 class RangeMap:

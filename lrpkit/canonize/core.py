@@ -151,4 +151,4 @@ def canonize(model: nn.Module, strip_softmax: bool = False) -> Chain:
             "its structure with lrpkit.canonize.register_canonizer(Type, fn). For a custom leaf layer, register "
             "a rule for it: lrpkit.register_rule(Type, rule), e.g. lrpkit.register_rule(MyLayer, "
             "lrpkit.rules.EpsilonRule()).")
-    return chain
+    return chain.eval()  # the containers built above (Chain, SkipConnection, Sum) too, not only the copied leaves

@@ -25,6 +25,7 @@ from torch import nn
 
 from ..layers import Scale
 from ..propagate import Propagation, Record, Step
+from ..registry import default_rule
 
 LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 POOL_TYPES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
@@ -91,7 +92,9 @@ class Rule:
 
     # -- machinery ------------------------------------------------------------------------------------------
     def accepts(self, layer: nn.Module) -> bool:
-        return isinstance(layer, self.accepted)
+        """Whether the rule can handle ``layer``: a type in ``accepted``, or a (custom) layer type whose registered
+        default rule (:func:`lrpkit.register_rule`) is of this rule's class."""
+        return isinstance(layer, self.accepted) or type(default_rule(layer)) is type(self)
 
     def check(self, layer: nn.Module) -> None:
         """Raise :class:`IncompatibleRuleError` if this rule cannot handle ``layer``."""

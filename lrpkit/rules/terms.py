@@ -7,8 +7,9 @@ A term ``t = (input_fn, param_fn, sign)`` is the layer with parameters ``param_f
     s_g   = w_g · mask_g(z) · R / stab(z_g)
     R_in  = Σ_g Σ_{t∈g} sign_t · ã_t ⊙ (∂layer_t/∂ã_t)ᵀ s_g
 
-A term whose input is identically zero (e.g. the negative part of a post-ReLU input) is skipped: it contributes
-nothing, and skipping it saves a forward and a backward pass of the layer.
+A term whose input is identically zero (e.g. the negative part of a post-ReLU input) passes no relevance to the
+input and is skipped, which saves a forward and a backward pass of the layer; only its (modified) bias, if non-zero,
+is still added to ``z_g`` (e.g. ``b⁺`` in z^B with ``low = 0``), so that skipping never changes the result.
 """
 
 from __future__ import annotations
@@ -84,19 +85,25 @@ class TermRule(Rule):
     def lrp(self, step: Step, rec: Record, R: torch.Tensor, prop: Propagation) -> torch.Tensor:
         R_in = torch.zeros_like(rec.input)
         for group in self._groups():
-            inputs, outputs, signs = [], [], []
+            inputs, outputs, signs, const = [], [], [], 0.0
             with torch.enable_grad():
                 for term in group.terms:
+                    layer = step.state[term.param]
                     a = term.input(rec.input)
                     if not bool(a.any()):
-                        continue  # contributes nothing
+                        # no relevance reaches a zero input, but the term's (modified) bias still enters z_g
+                        bias = getattr(layer, "bias", None)
+                        if isinstance(bias, torch.Tensor) and bool(bias.any()):
+                            with torch.no_grad():
+                                const = const + term.sign * layer(a)
+                        continue
                     a = a.detach().requires_grad_(True)
                     inputs.append(a)
-                    outputs.append(step.state[term.param](a))
+                    outputs.append(layer(a))
                     signs.append(term.sign)
             if not inputs:
                 continue
-            z = sum(sign * out.detach() for sign, out in zip(signs, outputs))
+            z = sum(sign * out.detach() for sign, out in zip(signs, outputs)) + const
             s = group.weight * R / stabilize(z, self.stabilizer)
             if group.mask is not None:
                 s = s * group.mask(rec.output)
