@@ -105,15 +105,17 @@ class LRP:
         if self.device is not None and x.device != self.device:
             raise ValueError(f"x is on {x.device} but the model is on {self.device}; use x.to('{self.device}')")
         first = next((s.layer for s in _leaves(self.steps)), None)
-        expected = None
+        expected, missing_batch = None, False
         if isinstance(first, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             nd = {nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5}[type(first)]
             if x.ndim != nd or x.shape[1] != first.in_channels:
                 expected = f"(B, {first.in_channels}, " + ", ".join("HWD"[: nd - 2]) + ")"
+                missing_batch = x.ndim == nd - 1 and x.shape[0] == first.in_channels
         elif isinstance(first, nn.Linear) and (x.ndim < 2 or x.shape[-1] != first.in_features):
             expected = f"(B, ..., {first.in_features})"
+            missing_batch = x.ndim == 1 and x.shape[0] == first.in_features
         if expected:
-            hint = " (add the batch dimension with x.unsqueeze(0))" if x.ndim == len(expected.split(",")) - 1 else ""
+            hint = " (add the batch dimension with x.unsqueeze(0))" if missing_batch else ""
             raise ValueError(f"x has shape {tuple(x.shape)} but the first layer ({first}) expects {expected}{hint}")
 
     # -- the analysis ---------------------------------------------------------------------------------------

@@ -176,6 +176,16 @@ def test_missing_batch_dimension(lrp):
         lrp(torch.rand(3, 12, 12))
 
 
+def test_missing_batch_dimension_linear_model():
+    # Linear(4) first: x of shape (4,) lacks the batch dimension; x of shape (2, 5) has the wrong feature count
+    lrp = lrpkit.LRP(torch.nn.Sequential(torch.nn.Linear(4, 2)).eval())
+    with pytest.raises(ValueError, match=r"unsqueeze\(0\)"):
+        lrp(torch.rand(4))
+    with pytest.raises(ValueError, match=r"\(B, \.\.\., 4\)") as err:
+        lrp(torch.rand(2, 5))
+    assert "unsqueeze" not in str(err.value)
+
+
 def test_wrong_channel_count(lrp):
     with pytest.raises(ValueError, match=r"\(B, 3, H, W\)"):
         lrp(torch.rand(1, 4, 12, 12))

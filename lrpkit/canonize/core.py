@@ -134,9 +134,7 @@ def canonize(model: nn.Module, strip_softmax: bool = False) -> Chain:
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"canonize needs a torch.nn.Module, got {type(model).__name__}")
-    if isinstance(model, Chain):
-        return copy_layer(model)
-    chain = make_chain(flatten(model))
+    chain = copy_layer(model) if isinstance(model, Chain) else make_chain(flatten(model))
     if len(chain) and isinstance(chain[len(chain) - 1], SOFTMAXES):
         if not strip_softmax:
             raise CanonizationError(
