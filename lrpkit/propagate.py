@@ -28,14 +28,44 @@ class Step:
     children: list[list["Step"]] = field(default_factory=list)
 
 
-@dataclass
 class Record:
-    """What the forward pass through one step leaves for the backward loop."""
+    """What the forward pass through one step leaves for the backward loop.
 
-    input: torch.Tensor
-    output: torch.Tensor
-    extras: dict = field(default_factory=dict)
-    absorbed: dict = field(default_factory=dict)  # explicit relevance sinks, per sample (B,)
+    ``input`` may be stored lazily: after an element-wise activation whose rule can recompute its output from
+    its input (:meth:`Rule.output_recomputable`), the next layer's input is recomputed when the backward loop
+    reaches it instead of being kept, so that a Conv→ReLU→Conv chain keeps one tensor per layer, as autograd does.
+    """
+
+    __slots__ = ("_input", "output", "extras", "absorbed")
+
+    def __init__(self, input, output, extras: dict | None = None, absorbed: dict | None = None):
+        self._input = input
+        self.output = output
+        self.extras = extras if extras is not None else {}
+        self.absorbed = absorbed if absorbed is not None else {}  # explicit relevance sinks, per sample (B,)
+
+    @property
+    def input(self) -> torch.Tensor:
+        if isinstance(self._input, _Recompute):
+            self._input = self._input()
+        return self._input
+
+    @input.setter
+    def input(self, value) -> None:
+        self._input = value
+
+
+class _Recompute:
+    """``layer(record.input)``, evaluated when needed."""
+
+    __slots__ = ("layer", "record")
+
+    def __init__(self, layer: nn.Module, record: Record):
+        self.layer, self.record = layer, record
+
+    def __call__(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.layer(self.record.input)
 
 
 class Propagation:
@@ -51,11 +81,17 @@ class Propagation:
 
     def forward(self, steps: list[Step], x: torch.Tensor) -> tuple[torch.Tensor, list[Record]]:
         """``a[k+1] = layer_k(a[k])``, recording each layer's input."""
-        records = []
+        records, prev = [], None
         for step in steps:
             rec = step.rule.forward(step, x, self)
+            if prev is not None and prev.rule.output_recomputable(prev.layer) and \
+                    step.rule.allows_lazy_input(step.layer):
+                rec.input = _Recompute(prev.layer, records[-1])
             records.append(rec)
             x = rec.output
+            if not step.rule.needs_output(step.layer):
+                rec.output = None
+            prev = step
         return x, records
 
     def backward(self, steps: list[Step], records: list[Record], R: torch.Tensor,

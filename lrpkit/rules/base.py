@@ -26,6 +26,7 @@ from torch import nn
 from ..layers import Scale
 from ..propagate import Propagation, Record, Step
 from ..registry import default_rule
+from .vjp import has_input_vjp, vjp
 
 LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 POOL_TYPES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
@@ -115,10 +116,28 @@ class Rule:
         """Built once per analyzer: the layer with modified parameters, or None."""
         return layer_with_params(layer, self.modify_param) if self.modifies_params else None
 
+    def uses_graph(self, layer: nn.Module) -> bool:
+        """Whether the forward pass keeps an autograd graph for ``lrp`` (only the generic rule on a layer that is
+        not linear in its input, e.g. pooling, with neither input nor parameters modified)."""
+        return not (self.modifies_input or self.modifies_params or has_input_vjp(layer))
+
+    def needs_output(self, layer: nn.Module) -> bool:
+        """Whether ``lrp`` reads the recorded output (the generic rule's denominator, unless it recomputes it)."""
+        return not (self.modifies_input or self.modifies_params)
+
+    def allows_lazy_input(self, layer: nn.Module) -> bool:
+        """Whether the recorded input may be recomputed in the backward pass (see :class:`Record`)."""
+        generic = type(self).forward is Rule.forward and type(self).lrp is Rule.lrp
+        return generic and not self.uses_graph(layer)
+
+    def output_recomputable(self, layer: nn.Module) -> bool:
+        """Whether the layer's output is cheap to recompute from its recorded input (element-wise activations)."""
+        return False
+
     def forward(self, step: Step, x: torch.Tensor, prop: Propagation) -> Record:
-        """Run the layer in the recording forward pass; keep the graph only if ``lrp`` reuses it."""
+        """Run the layer in the recording forward pass; keep a graph only where ``lrp`` needs one."""
         a = x.detach()
-        if self.modifies_input or self.modifies_params:
+        if not self.uses_graph(step.layer):
             with torch.no_grad():
                 return Record(a, step.layer(a))
         a.requires_grad_(True)
@@ -129,13 +148,13 @@ class Rule:
         """Generic rule: ``z = layer'(ã); s = R / z'; c = (∂z/∂ã)ᵀ s; R_in = ã ⊙ c``."""
         layer = step.state if step.state is not None else step.layer
         if self.modifies_input or self.modifies_params:
-            with torch.enable_grad():
-                a = self.modify_input(rec.input).detach().requires_grad_(True)
+            a = self.modify_input(rec.input)
+            with torch.no_grad():
                 z = layer(a)
         else:
             a, z = rec.input, rec.output
         s = R / self.modify_denominator(z.detach())
-        (c,) = torch.autograd.grad(z, a, s)
+        c = vjp(layer, a, s, z)
         sink = bias_relevance(layer, s)
         if sink is not None:
             rec.absorbed["bias"] = sink

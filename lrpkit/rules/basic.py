@@ -100,6 +100,15 @@ class PassRule(Rule):
         with torch.no_grad():
             return Record(x.detach(), step.layer(x.detach()))
 
+    def needs_output(self, layer) -> bool:
+        return False
+
+    def allows_lazy_input(self, layer) -> bool:
+        return True
+
+    def output_recomputable(self, layer) -> bool:
+        return isinstance(layer, ACTIVATION_TYPES)
+
     def lrp(self, step, rec, R, prop):
         if R.numel() != rec.input.numel():
             raise ValueError(f"PassRule needs a layer that keeps the number of elements; "

@@ -20,11 +20,12 @@ import torch
 
 from ..propagate import Propagation, Record, Step
 from .base import LINEAR_TYPES, Rule, layer_with_params, stabilize
+from .vjp import vjp
 
 
 def pos(t: torch.Tensor, name: str = "") -> torch.Tensor:
-    """``t⁺ = max(t, 0)``."""
-    return t.clamp(min=0)
+    """``t⁺ = max(t, 0)`` (``t`` itself, not a copy, when it has no negative entry, e.g. after a ReLU)."""
+    return t if bool(t.min() >= 0) else t.clamp(min=0)
 
 
 def neg(t: torch.Tensor, name: str = "") -> torch.Tensor:
@@ -51,6 +52,14 @@ class Group(NamedTuple):
     terms: tuple[Term, ...]
     weight: float = 1.0
     mask: Callable[[torch.Tensor], torch.Tensor] | None = None  # on the unmodified output z
+
+
+def _bias_output(layer):
+    """The layer's output for a zero input (its bias, broadcastable to the output), or None if zero."""
+    bias = getattr(layer, "bias", None)
+    if not isinstance(bias, torch.Tensor) or not bool(bias.any()):
+        return None
+    return bias if isinstance(layer, torch.nn.Linear) else bias.view(-1, *([1] * (layer.weight.ndim - 2)))
 
 
 class TermRule(Rule):
@@ -82,35 +91,35 @@ class TermRule(Rule):
         with torch.no_grad():
             return Record(x.detach(), step.layer(x.detach()))
 
+    def needs_output(self, layer) -> bool:
+        return any(group.mask is not None for group in self._groups())
+
+    def allows_lazy_input(self, layer) -> bool:
+        return type(self).forward is TermRule.forward and type(self).lrp is TermRule.lrp
+
     def lrp(self, step: Step, rec: Record, R: torch.Tensor, prop: Propagation) -> torch.Tensor:
-        R_in = torch.zeros_like(rec.input)
+        x, R_in = rec.input, 0
         for group in self._groups():
-            inputs, outputs, signs, const = [], [], [], 0.0
-            with torch.enable_grad():
-                for term in group.terms:
-                    layer = step.state[term.param]
-                    a = term.input(rec.input)
-                    if not bool(a.any()):
-                        # no relevance reaches a zero input, but the term's (modified) bias still enters z_g
-                        bias = getattr(layer, "bias", None)
-                        if isinstance(bias, torch.Tensor) and bool(bias.any()):
-                            with torch.no_grad():
-                                const = const + term.sign * layer(a)
-                        continue
-                    a = a.detach().requires_grad_(True)
-                    inputs.append(a)
-                    outputs.append(layer(a))
-                    signs.append(term.sign)
-            if not inputs:
+            z, used = 0, []
+            for term in group.terms:
+                layer = step.state[term.param]
+                a = term.input(x)
+                if bool(a.any()):
+                    with torch.no_grad():
+                        z = z + term.sign * layer(a)
+                    used.append((term.sign, layer, a))
+                else:  # no relevance reaches a zero input, but the term's (modified) bias still enters z_g
+                    bias = _bias_output(layer)
+                    if bias is not None:
+                        z = z + term.sign * bias
+            if not used:
                 continue
-            z = sum(sign * out.detach() for sign, out in zip(signs, outputs)) + const
             s = group.weight * R / stabilize(z, self.stabilizer)
             if group.mask is not None:
                 s = s * group.mask(rec.output)
-            grads = torch.autograd.grad(outputs, inputs, [sign * s for sign in signs])
-            for a, c in zip(inputs, grads):
-                R_in = R_in + a.detach() * c
-        return R_in
+            for sign, layer, a in used:
+                R_in = R_in + sign * a * vjp(layer, a, s)
+        return R_in if isinstance(R_in, torch.Tensor) else torch.zeros_like(x)
 
     def remainder_category(self, layer) -> str:
         return "bias" if getattr(layer, "bias", None) is not None else "stabilizer"

@@ -1,0 +1,47 @@
+"""Vector-Jacobian products of the linear layers, from their weights alone.
+
+For a layer that is linear in its input (``z = W a + b``), ``c = (∂z/∂a)ᵀ s = Wᵀ s`` does not depend on ``a``, so
+the rules need no autograd graph (which would keep the layer's input alive) and no second forward pass.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..layers import Scale
+
+CONV_DIMS = {nn.Conv1d: 1, nn.Conv2d: 2, nn.Conv3d: 3}
+
+
+def has_input_vjp(layer: nn.Module) -> bool:
+    """Whether :func:`input_vjp` handles ``layer`` (Linear, Scale, zero-padded Conv1d/2d/3d)."""
+    if isinstance(layer, (nn.Linear, Scale)):
+        return True
+    return type(layer) in CONV_DIMS and layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
+
+
+def input_vjp(layer: nn.Module, s: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
+    """``(∂ layer(a) / ∂a)ᵀ s`` for a Linear, Scale or zero-padded ConvNd layer (see :func:`has_input_vjp`)."""
+    if isinstance(layer, nn.Linear):
+        return s @ layer.weight
+    if isinstance(layer, Scale):
+        return s * layer.weight.view(layer._shape(s))
+    dims = CONV_DIMS[type(layer)]
+    shape_only = s.new_empty(1).expand(input_shape)  # convolution_backward reads only the input's shape here
+    return torch.ops.aten.convolution_backward(
+        s, shape_only, layer.weight, None, layer.stride, layer.padding, layer.dilation, False, [0] * dims,
+        layer.groups, (True, False, False))[0]
+
+
+def vjp(layer: nn.Module, a: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+    """``(∂ layer(a) / ∂a)ᵀ s``: from the weights for linear layers, else by autograd — through the recorded
+    output ``z`` if its graph leads to ``a``, or through a fresh forward pass of ``layer`` on ``a``."""
+    if has_input_vjp(layer):
+        return input_vjp(layer, s, a.shape)
+    if z is None or not a.requires_grad:
+        with torch.enable_grad():
+            a = a.detach().requires_grad_(True)
+            z = layer(a)
+    (c,) = torch.autograd.grad(z, a, s)
+    return c
