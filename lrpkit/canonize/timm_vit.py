@@ -18,8 +18,18 @@ Adding the prefix tokens' positional embedding to the tokens themselves, and the
 before flattening, is the same sum as timm's ``cat(tokens, x) + pos_embed`` in another order, and it handles
 ``no_embed_class`` and ``dynamic_img_size`` uniformly. The distilled model's eval-mode head
 ``(head(x_cls) + head_dist(x_dist)) / 2`` becomes ``Sum(Chain(SelectClassToken(0), head/2),
-Chain(SelectClassToken(1), head_dist/2))``. Anything else (attention pooling, other block or attention types,
-a patch-embedding norm, dynamic padding, ...) is a :class:`~lrpkit.canonize.CanonizationError`.
+Chain(SelectClassToken(1), head_dist/2))`` (a headless model, ``num_classes=0``, gets ``Scale(1/2)`` in place of the
+heads); the canonized model computes the eval-mode output even if the user set ``distilled_training=True``
+(timm returns the two heads' logits separately only in training mode). timm's distilled model ignores
+``reg_token`` in its forward pass, and so does its canonization. ``global_pool='avg'`` with
+``pool_include_prefix=True`` is a :class:`~lrpkit.layers.TokenMean` over all tokens.
+
+Supported exactly: timm's ``PatchEmbed`` (Conv2d projection, no norm, no dynamic padding), ``Block`` with
+``Attention`` (qk-norm allowed, no ``scale_attn_norm``, no gate) and ``Mlp`` (``scale_mlp_norm`` allowed), LayerNorm
+norms, ``LayerScale``, ``global_pool`` 'token' / 'avg'. Anything else (attention pooling 'map' / 'prr', 'max' /
+'avgmax' / '' pooling, other block, attention, MLP, norm or embedding types, a patch-embedding norm, dynamic
+padding, a subclass that overrides the forward methods, ...) is a :class:`~lrpkit.canonize.CanonizationError`,
+never a silently different model.
 """
 
 from __future__ import annotations
@@ -29,7 +39,11 @@ from torch import nn
 
 from ..layers import (Chain, ClassToken, LayerNormalize, PatchFlatten, PositionalEmbedding, Scale,
                       SelectClassToken, SelfAttention, SkipConnection, Sum, TokenMean)
-from .core import CanonizationError, copy_layer, join, make_chain, register_canonizer
+from .core import CanonizationError, copy_layer, flatten, join, make_chain, register_canonizer
+
+# the methods of VisionTransformer that make up its forward pass: a subclass that overrides one of them computes
+# something this canonizer does not know
+_FORWARD_METHODS = ("forward", "forward_features", "forward_head", "_pos_embed", "pool")
 
 
 def _unsupported(model, what: str):
@@ -98,24 +112,48 @@ def _block(block: nn.Module, path: str, model) -> list:
             (join(path, "mlp"), SkipConnection(make_chain(mlp)))]
 
 
+def _is_distilled(model) -> bool:
+    from timm.models.deit import VisionTransformerDistilled
+
+    return isinstance(model, VisionTransformerDistilled)
+
+
+def _check_type(model) -> None:
+    """Refuse subclasses that change the forward pass of the class they derive from."""
+    from timm.models.deit import VisionTransformerDistilled
+    from timm.models.vision_transformer import VisionTransformer
+
+    base = VisionTransformerDistilled if _is_distilled(model) else VisionTransformer
+    for name in _FORWARD_METHODS:
+        if getattr(type(model), name, None) is not getattr(base, name, None):
+            raise _unsupported(model, f"a subclass of {base.__name__} that overrides {name}()")
+
+
 def _prefix_tokens(model) -> tuple[list[torch.Tensor], list[str]]:
+    """The prefix tokens in timm's order: class, distillation (DeiT), registers."""
     tokens, kinds = [], []
+    distilled = _is_distilled(model)
+    if distilled and getattr(model, "cls_token", None) is None:
+        raise _unsupported(model, "a distilled model without a class token (class_token=False)")
     if getattr(model, "cls_token", None) is not None:
         tokens.append(model.cls_token.detach())
         kinds.append("class")
-    if getattr(model, "dist_token", None) is not None:
+    if distilled:
         tokens.append(model.dist_token.detach())
         kinds.append("distillation")
-    if getattr(model, "reg_token", None) is not None:
+    elif getattr(model, "reg_token", None) is not None:  # timm's distilled model ignores reg_token
         tokens.append(model.reg_token.detach())
         kinds += ["register"] * model.reg_token.shape[1]
     return tokens, kinds
 
 
 def _embedding(model, path: str) -> list:
+    from timm.layers import PatchEmbed
+
     pe = model.patch_embed
-    if not isinstance(getattr(pe, "proj", None), nn.Conv2d):
-        raise _unsupported(model, "a patch embedding without a Conv2d projection")
+    if type(pe) is not PatchEmbed or not isinstance(getattr(pe, "proj", None), nn.Conv2d):
+        raise _unsupported(model, f"the patch embedding {type(pe).__name__} (only timm's PatchEmbed with a Conv2d "
+                                  f"projection)")
     if not _is_identity(getattr(pe, "norm", None)):
         raise _unsupported(model, "a norm inside the patch embedding (embed norm)")
     if getattr(pe, "dynamic_img_pad", False):
@@ -128,6 +166,9 @@ def _embedding(model, path: str) -> list:
         pos = pos.detach()
         grid = tuple(pe.grid_size)
         n_pos_prefix = 0 if model.no_embed_class else n_prefix
+        if pos.shape[1] != n_pos_prefix + grid[0] * grid[1]:
+            raise _unsupported(model, f"a pos_embed of {pos.shape[1]} entries for {n_pos_prefix} prefix tokens and a "
+                                      f"{grid[0]}x{grid[1]} patch grid")
         patch_pos = pos[:, n_pos_prefix:].reshape(1, grid[0], grid[1], -1).permute(0, 3, 1, 2)
         entries.append((join(path, "pos_embed"), PositionalEmbedding(patch_pos, dynamic=model.dynamic_img_size)))
         if n_pos_prefix:
@@ -138,16 +179,24 @@ def _embedding(model, path: str) -> list:
     return entries
 
 
-def _head(model, path: str) -> list:
-    from timm.models.deit import VisionTransformerDistilled
+def _half(head: nn.Module, name: str, model) -> nn.Module:
+    """``head(x) / 2`` as one layer: a halved copy of a Linear head, ``Scale(1/2)`` for an Identity head."""
+    if isinstance(head, nn.Linear):
+        head = copy_layer(head)
+        head.weight.data.mul_(0.5)
+        if head.bias is not None:
+            head.bias.data.mul_(0.5)
+        return head
+    if _is_identity(head):
+        return Scale(torch.full((model.embed_dim,), 0.5, dtype=model.cls_token.dtype, device=model.cls_token.device))
+    raise _unsupported(model, f"the distilled model's {name} ({type(head).__name__}; only Linear or Identity)")
 
-    if isinstance(model, VisionTransformerDistilled):
+
+def _head(model, path: str) -> list:
+    if _is_distilled(model):
         branches = []
         for index, name in ((0, "head"), (1, "head_dist")):
-            head = copy_layer(getattr(model, name))
-            head.weight.data.mul_(0.5)
-            if head.bias is not None:
-                head.bias.data.mul_(0.5)
+            head = _half(getattr(model, name), name, model)
             branches.append(Chain([SelectClassToken(index), head], [join(path, "pool"), join(path, name)]))
         return [(join(path, "head"), Sum(*branches))]
     if getattr(model, "attn_pool", None) is not None or model.global_pool not in ("token", "avg"):
@@ -155,21 +204,23 @@ def _head(model, path: str) -> list:
     if model.global_pool == "token":
         pool = SelectClassToken(0)
     else:
-        if getattr(model, "pool_include_prefix", False):
-            raise _unsupported(model, "pool_include_prefix=True")
-        pool = TokenMean(model.num_prefix_tokens)
+        pool = TokenMean(0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens)
     entries = [(join(path, "pool"), pool)] + _norm(model.fc_norm, join(path, "fc_norm"), model)
     if not _is_identity(model.head):
-        entries.append((join(path, "head"), copy_layer(model.head)))
+        entries += flatten(model.head, join(path, "head"))
     return entries
 
 
 def canonize_vit(model, path: str = "") -> list:
     """The flat chain of a timm VisionTransformer (see the module docstring)."""
+    _check_type(model)
     entries = _embedding(model, path) + _norm(model.norm_pre, join(path, "norm_pre"), model)
     for i, block in enumerate(model.blocks):
         entries += _block(block, join(path, f"blocks.{i}"), model)
-    return entries + _norm(model.norm, join(path, "norm"), model) + _head(model, path)
+    entries += _norm(model.norm, join(path, "norm"), model) + _head(model, path)
+    for _, layer in entries:
+        layer.eval()  # the new layers (and the Chains inside SkipConnection / Sum) too, not only the copies
+    return entries
 
 
 try:

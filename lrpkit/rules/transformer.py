@@ -14,7 +14,7 @@ from torch import nn
 from ..layers import (ClassToken, LayerNormalize, PatchFlatten, PositionalEmbedding, SelectClassToken,
                       SelfAttention, TokenMean)
 from ..propagate import Propagation, Record, Step
-from .base import Rule, stabilize
+from .base import IncompatibleRuleError, Rule, stabilize
 from .basic import EpsilonRule
 
 
@@ -165,12 +165,16 @@ class SelfAttentionRule(Rule):
 
     def check(self, layer):
         super().check(layer)
+        if not isinstance(layer.norm, nn.Identity):
+            raise IncompatibleRuleError(f"{self!r} cannot handle a SelfAttention with a norm before the output "
+                                        f"projection (timm's scale_attn_norm)")
         for rule, part in ((self.value_rule, layer.qkv), (self.out_rule, layer.proj)):
             rule.check(part)
         if self.mode == "attnlrp":
             for norm in (layer.q_norm, layer.k_norm):
                 if not isinstance(norm, (nn.Identity, nn.LayerNorm)):
-                    raise TypeError(f"SelfAttentionRule(mode='attnlrp') handles LayerNorm qk-norms, got {norm}")
+                    raise IncompatibleRuleError(
+                        f"SelfAttentionRule(mode='attnlrp') handles LayerNorm qk-norms, got {norm}")
 
     def prepare(self, layer: SelfAttention):
         d = layer.qkv.out_features // 3
@@ -230,8 +234,8 @@ class SelfAttentionRule(Rule):
         eps = self.epsilon
         R_attn, R_v = bilinear_lrp(e["attn"], e["v"], e["y"], R_y, eps, torch.matmul)
         A, S = e["attn"], e["scores"]
-        g = R_attn / stabilize(A, eps) * A  # = R_A up to the stabiliser
-        R_S = S * (g - A * g.sum(-1, keepdim=True))
+        # softmax Taylor rule (Achtibat et al. 2024, Prop. 3.1): R_S = S ⊙ (R_A − A ⊙ Σ_j R_A)
+        R_S = S * (R_attn - A * R_attn.sum(-1, keepdim=True))
         R_qn, R_kn = bilinear_lrp(e["qn"], e["kn"], S, R_S, eps,
                                   lambda q, k: (q * layer.scale) @ k.transpose(-2, -1))
         R_q = _norm_lrp(layer.q_norm, e["q"], e["qn"], R_qn, eps)
