@@ -103,10 +103,23 @@ class GlobalTypeMap:
             self._match(s)
 
 
-def _end_layer(slots, matches, last: bool):
-    """The first (or last) leaf layer for which ``matches(layer)`` holds, or None."""
+def _end_layers(slots, matches, last: bool) -> list:
+    """The first (or last) leaf layer for which ``matches(layer)`` holds. If it sits in a branch of a ``Sum``
+    (e.g. the two heads of a distilled DeiT), the first (last) such layer of every branch of that ``Sum``."""
     candidates = [s for s in _leaves(slots) if matches(s.layer)]
-    return (candidates[-1] if last else candidates[0]) if candidates else None
+    if not candidates:
+        return []
+    end = candidates[-1] if last else candidates[0]
+    if ".branch" not in end.path:
+        return [end]
+    prefix = end.path[: end.path.rindex(".branch")] + ".branch"
+    branches: dict = {}
+    for s in candidates:
+        if s.path.startswith(prefix):
+            key = s.path[len(prefix):].split(".")[0]
+            if last or key not in branches:
+                branches[key] = s
+    return list(branches.values())
 
 
 class FirstLayerMap:
@@ -121,8 +134,7 @@ class FirstLayerMap:
 
     def apply(self, slots):
         targets = getattr(self.rule, "targets", ())
-        slot = _end_layer(slots, lambda layer: not targets or isinstance(layer, targets), self.last)
-        if slot is not None:
+        for slot in _end_layers(slots, lambda layer: not targets or isinstance(layer, targets), self.last):
             _assign(slot, self.rule, type(self).__name__)
 
 
@@ -141,8 +153,7 @@ class FirstLayerTypeMap(GlobalTypeMap):
 
     def apply(self, slots):
         types = tuple(t for key in self.mapping for t in (key if isinstance(key, tuple) else (key,)))
-        slot = _end_layer(slots, lambda layer: isinstance(layer, types), self.last)
-        if slot is not None:
+        for slot in _end_layers(slots, lambda layer: isinstance(layer, types), self.last):
             self._match(slot)
 
 

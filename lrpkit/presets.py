@@ -10,9 +10,10 @@ from __future__ import annotations
 from torch import nn
 
 from .composites import Composite, FirstLayerMap, GlobalTypeMap, LastLayerMap
-from .layers import LayerNormalize, PositionalEmbedding, Scale, SelfAttention, TokenMean
+from .layers import LayerNormalize, PositionalEmbedding, Scale, SelfAttention, SkipConnection, Sum, TokenMean
 from .rules import (AlphaBetaRule, EpsilonRule, FlatRule, GammaRule, GeneralizedGammaRule, LayerNormRule,
-                    PositionalEmbeddingRule, SelfAttentionRule, TokenMeanRule, ZBoxRule, ZPlusRule)
+                    PositionalEmbeddingRule, SelfAttentionRule, SkipConnectionRule, SumRule, TokenMeanRule, ZBoxRule,
+                    ZPlusRule)
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 AVGPOOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
@@ -24,7 +25,8 @@ def _base(conv_rule, linear_rule, epsilon: float, attention_mode: str = "cp") ->
     mapping = {AVGPOOL: EpsilonRule(1e-6), nn.Linear: linear_rule, CONV: conv_rule,
                SelfAttention: SelfAttentionRule(linear_rule, linear_rule, mode=attention_mode, epsilon=epsilon),
                LayerNormalize: LayerNormRule(epsilon), Scale: EpsilonRule(epsilon),
-               PositionalEmbedding: PositionalEmbeddingRule(epsilon), TokenMean: TokenMeanRule(epsilon)}
+               PositionalEmbedding: PositionalEmbeddingRule(epsilon), TokenMean: TokenMeanRule(epsilon),
+               SkipConnection: SkipConnectionRule(epsilon), Sum: SumRule(epsilon)}
     return mapping
 
 

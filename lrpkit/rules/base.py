@@ -36,6 +36,12 @@ NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 ACTIVATION_TYPES = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.ReLU6,
                     nn.Hardswish, nn.Hardtanh, nn.Mish, nn.PReLU, nn.SELU, nn.CELU)
 RESHAPE_TYPES = (nn.Flatten, nn.Unflatten)
+try:  # timm's own element-wise activations (act_layer='gelu', 'gelu_tanh', 'quick_gelu')
+    from timm.layers.activations import GELU as _TimmGELU, GELUTanh as _TimmGELUTanh, QuickGELU as _TimmQuickGELU
+except ImportError:  # pragma: no cover
+    pass
+else:
+    ACTIVATION_TYPES = ACTIVATION_TYPES + (_TimmGELU, _TimmGELUTanh, _TimmQuickGELU)
 
 
 class IncompatibleRuleError(TypeError):
