@@ -104,7 +104,7 @@ class LRP:
                             f"use x.to({self.dtype}) or convert the model")
         if self.device is not None and x.device != self.device:
             raise ValueError(f"x is on {x.device} but the model is on {self.device}; use x.to('{self.device}')")
-        first = next((s.layer for s in _leaves(self.steps)), None)
+        first = next((s.layer for s in leaf_steps(self.steps)), None)
         expected, missing_batch = None, False
         if isinstance(first, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             nd = {nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5}[type(first)]
@@ -154,11 +154,12 @@ class LRP:
                            extras=prop.store)
 
 
-def _leaves(steps):
+def leaf_steps(steps):
+    """The non-container steps, depth-first."""
     for s in steps:
         if s.children:
             for branch in s.children:
-                yield from _leaves(branch)
+                yield from leaf_steps(branch)
         else:
             yield s
 

@@ -4,9 +4,10 @@ ones also ``patch_relevance`` (B, grid_h, grid_w)."""
 
 from .attention import AttentionGradCAM, GenericAttention, RawAttention
 from .base import Explainer
+from .chefer import PartialLRP, TransformerAttribution, chefer_composite
 from .gradient import Gradient, InputXGradient, IntegratedGradients, SmoothGrad
 from .rollout import AttentionRollout, GradientRollout
 from .vitcx import ViTCX
 
 __all__ = ["Explainer", "AttentionRollout", "GradientRollout", "RawAttention", "AttentionGradCAM",
-           "GenericAttention", "ViTCX", "Gradient", "InputXGradient", "SmoothGrad", "IntegratedGradients"]
+           "GenericAttention", "TransformerAttribution", "PartialLRP", "chefer_composite", "ViTCX", "Gradient", "InputXGradient", "SmoothGrad", "IntegratedGradients"]

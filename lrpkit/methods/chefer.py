@@ -1,0 +1,219 @@
+"""Chefer, Gur & Wolf 2021, "Transformer Interpretability Beyond Attention Visualization" (CVPR): transformer
+attribution, and the paper's "partial LRP" baseline, on lrpkit's canonized chain and rule machinery.
+
+Both run one recording forward pass through the chain with the rules of :func:`chefer_composite`
+(:mod:`lrpkit.rules.chefer`) and the reverse loop from the one-hot target (``normalize_output=True``), which stops
+right after the lowest block whose attention relevance the map needs. :class:`TransformerAttribution` gets the
+attention gradients ``∂y_t/∂A_b`` from the graph of that same forward pass (one backward pass, no second forward).
+
+Reference code: hila-chefer/Transformer-Explainability (``baselines/ViT/ViT_LRP.py``, methods ``"transformer_
+attribution"`` (= ``"grad"``) and ``"last_layer"``; ``ViT_explanation_generator.py``). lrpkit's version is batched
+(the reference handles one image: its residual rescaling and z^B bounds sum over the whole batch), works on every
+timm ViT that :func:`lrpkit.canonize` supports with a class token read by the head, and runs on any device.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..analyzer import leaf_steps, build_steps, resolve_target
+from ..composites import Composite, FirstLayerTypeMap, GlobalTypeMap
+from ..explanation import Explanation
+from ..layers import (ClassToken, LayerNormalize, PositionalEmbedding, Scale, SelectClassToken, SelfAttention,
+                      SkipConnection, Sum, TokenMean)
+from ..propagate import Propagation
+from ..rules.base import ACTIVATION_TYPES
+from ..rules.basic import ZBoxRule
+from ..rules.chefer import (ATTENTION, ATTENTION_RELEVANCE, GRAD_FROM, STOP_AT, CheferAttentionRule, CheferLinearRule,
+                            CheferPassRule, CheferPositionalEmbeddingRule, CheferSelectTokenRule,
+                            CheferSkipConnectionRule, CheferSumRule, CheferTokenMeanRule, CheferZBoxRule,
+                            CheferZPlusRule, StopPropagation)
+from .base import Explainer
+
+CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def chefer_composite(low=None, high=None, *, per_sample: bool = True) -> Composite:
+    """The rules of Chefer et al. 2021 for a canonized ViT:
+
+    - Linear (blocks and head): :class:`~lrpkit.rules.chefer.CheferLinearRule` (LRP-α1β0, bias ignored);
+    - the first layer (patch projection): LRP-z^B with the bounds of each input, min and max per sample
+      (:class:`~lrpkit.rules.chefer.CheferZBoxRule`; ``per_sample=False``: over the batch), or fixed bounds if
+      ``low`` and ``high`` are given (:class:`~lrpkit.rules.ZBoxRule`, bias ignored as well); other convolutions
+      α1β0 without bias;
+    - LayerNormalize, Scale (LayerNorm's affine part, LayerScale), GELU and the other activations, dropout:
+      relevance passes unchanged;
+    - SelfAttention: :class:`~lrpkit.rules.chefer.CheferAttentionRule` (both products split by gradient × input,
+      each half; softmax passes);
+    - SkipConnection / Sum: gradient × input split rescaled to ``|Σa| / (|Σa| + |Σb|) · ΣR``;
+    - PositionalEmbedding: the same two-operand rule, the embedding's share dropped;
+    - PatchFlatten and ClassToken keep their defaults (inverse reshape; prefix tokens' relevance dropped).
+
+    Use it with :class:`lrpkit.LRP` for Chefer's "full" LRP (input relevance; the attention relevances land in
+    ``Explanation.extras[ATTENTION_RELEVANCE]``), or through :class:`TransformerAttribution` / :class:`PartialLRP`.
+    """
+    if (low is None) != (high is None):
+        raise ValueError("give both low and high (fixed z^B bounds) or neither (bounds from each input)")
+    if low is not None:
+        first = ZBoxRule(low, high, stabilizer=1e-9)
+    else:
+        first = CheferZBoxRule(per_sample=per_sample)
+    linear = CheferLinearRule()
+    passing = CheferPassRule()
+    mapping = {
+        nn.Linear: linear,
+        CONV: CheferZPlusRule(),
+        SelfAttention: CheferAttentionRule(linear),
+        SkipConnection: CheferSkipConnectionRule(),
+        Sum: CheferSumRule(),
+        (LayerNormalize, Scale, nn.Dropout, nn.Identity) + ACTIVATION_TYPES: passing,
+        PositionalEmbedding: CheferPositionalEmbeddingRule(),
+        SelectClassToken: CheferSelectTokenRule(),
+        TokenMean: CheferTokenMeanRule(),
+    }
+    return Composite(GlobalTypeMap(mapping), FirstLayerTypeMap({CONV: first}))
+
+
+class _CheferExplainer(Explainer):
+    """Shared part: canonize once, the Chefer rules, the attention steps in block order, the class-token checks."""
+
+    needs_attention = True
+
+    def __init__(self, model: nn.Module, composite: Composite | None = None):
+        super().__init__(model)
+        self.composite = composite if composite is not None else chefer_composite()
+        self.steps = build_steps(self.chain, self.composite)
+        self.attention_steps = [s for s in leaf_steps(self.steps) if isinstance(s.layer, SelfAttention)]
+        for s in self.attention_steps:
+            if not isinstance(s.rule, CheferAttentionRule):
+                raise TypeError(f"{self.name} needs CheferAttentionRule on every SelfAttention layer; the composite "
+                                f"maps {s.rule!r} onto layer {s.index} ({s.name})")
+        self._check_class_token(model)
+
+    def _check_class_token(self, model) -> None:
+        tokens = [m for m in self.chain.modules() if isinstance(m, ClassToken)]
+        if not tokens or tokens[0].kinds[0] != "class":
+            raise TypeError(f"{self.name} reads the class token's row of the relevance matrix, but this "
+                            f"{type(model).__name__} has no class token (class_token=False); use a model with a "
+                            f"class token, or an explainer that does not need one (e.g. attention rollout "
+                            f"over the mean of the rows)")
+        if any(isinstance(m, TokenMean) for m in self.chain.modules()):
+            raise TypeError(f"{self.name} explains through the class token, but this {type(model).__name__} pools "
+                            f"the tokens by their mean (global_pool='avg'), so the class token does not carry the "
+                            f"prediction; use a model with global_pool='token'")
+
+    def table(self) -> str:
+        """The rule table of the composite on the canonized chain."""
+        return self.composite.table(self.chain)
+
+    def _start(self, x: torch.Tensor, target, grad_from: int | None):
+        """The recording forward pass; ``(output with graph, records, target, prop)``."""
+        self.check_input(x)
+        if torch.is_inference_mode_enabled():
+            raise RuntimeError(f"{self.name} needs autograd; call it outside torch.inference_mode()")
+        prop = Propagation()
+        if grad_from is not None:
+            prop.store[GRAD_FROM] = grad_from
+        with torch.enable_grad():
+            output, records = prop.forward(self.steps, x)
+        return output, records, resolve_target(output.detach(), target), prop
+
+    def _relevances(self, prop: Propagation, records, output: torch.Tensor, t: torch.Tensor, stop_at: int) -> dict:
+        """Reverse loop from the one-hot target down to the attention step ``stop_at``; ``{index: R_A}``."""
+        R = torch.zeros_like(output.detach()).scatter_(1, t[:, None], 1.0)
+        prop.store[STOP_AT] = stop_at
+        try:
+            prop.backward(self.steps, records, R)
+        except StopPropagation:
+            pass
+        else:  # pragma: no cover - the stop step is an attention step of this chain
+            raise RuntimeError(f"the reverse loop did not reach attention step {stop_at}")
+        return dict(prop.store[ATTENTION_RELEVANCE])
+
+    def _explanation(self, x, output, t, row: torch.Tensor, extras: dict | None = None) -> Explanation:
+        """The class-token row over the patch tokens as the token map (B, grid_h, grid_w)."""
+        gh, gw = self.grid(x)
+        patches = row[:, self.num_prefix():]
+        if patches.shape[1] != gh * gw:  # pragma: no cover - canonization guarantees the grid
+            raise RuntimeError(f"{patches.shape[1]} patch tokens do not fill a {gh}x{gw} grid")
+        return Explanation(relevance=None, output=output.detach(), target=t, method=self.name,
+                           patch_size=self.patch_size, input_size=tuple(x.shape[-2:]),
+                           token_relevance=patches.reshape(-1, gh, gw).detach(), extras=extras or {})
+
+
+class TransformerAttribution(_CheferExplainer):
+    """Transformer attribution (Chefer, Gur & Wolf 2021):
+
+    1. LRP from the one-hot target with :func:`chefer_composite`; ``R_b`` = relevance of the attention
+       probabilities of block b;
+    2. ``G_b = ∂y_t/∂A_b`` (from the graph of the same forward pass);
+    3. ``Ā_b = E_h[(G_b ⊙ R_b)⁺]`` (clamp before the mean over heads);
+    4. ``C = (I + Ā_L) ··· (I + Ā_s)`` without row normalisation, ``s = start_layer``;
+    5. the map is C's class-token row over the patch tokens (``token_relevance`` (B, grid_h, grid_w);
+       ``heatmap`` upsamples it bilinearly to the image size).
+
+    ``start_layer``: first block in the product, 0 ≤ s ≤ depth (the paper's evaluation uses 1, their demo 0;
+    ``s = depth`` gives C = I, a zero map). Only the class-token row is formed (``v ← v (I + Ā_b)`` for
+    b = L..s), and the reverse loop stops at block s's attention: nothing below it (block s's qkv, the patch
+    embedding) is computed. Batched; per-sample results equal those of the samples alone. Needs a class token
+    that the head reads (``global_pool='token'``); for distilled models the class token's row is used (the
+    distillation token is a prefix token, not a patch).
+
+    ``TransformerAttribution(model, start_layer=0)(x, target=None) -> Explanation``.
+    """
+
+    name = "TransformerAttribution"
+
+    def __init__(self, model: nn.Module, start_layer: int = 0, composite: Composite | None = None):
+        super().__init__(model, composite)
+        depth = len(self.attention_steps)
+        if isinstance(start_layer, bool) or not isinstance(start_layer, int) or not 0 <= start_layer <= depth:
+            raise ValueError(f"start_layer must be an int in 0..{depth} (the model has {depth} blocks), "
+                             f"got {start_layer!r}")
+        self.start_layer = start_layer
+
+    def __call__(self, x: torch.Tensor, target=None) -> Explanation:
+        needed = self.attention_steps[self.start_layer:]
+        grad_from = needed[0].index if needed else None
+        output, records, t, prop = self._start(x, target, grad_from)
+        gh, gw = self.grid(x)
+        row = torch.zeros(output.shape[0], self.num_prefix() + gh * gw, dtype=x.dtype, device=x.device)
+        row[:, 0] = 1.0  # e_cls
+        if needed:
+            attns = [a for _, a in sorted(prop.store.pop(ATTENTION), key=lambda item: item[0])]
+            try:
+                with torch.enable_grad():
+                    grads = torch.autograd.grad(output.gather(1, t[:, None]).sum(), attns)
+            except RuntimeError as err:
+                raise TypeError(f"{self.name} takes the attention gradients from the graph of the recording forward "
+                                f"pass, and a rule of the composite above block {self.start_layer} does not keep "
+                                f"that graph; use the rules of lrpkit.rules.chefer (chefer_composite())") from err
+            rel = self._relevances(prop, records, output, t, grad_from)
+            with torch.no_grad():
+                for step, grad in zip(reversed(needed), reversed(grads)):
+                    a_bar = (grad * rel[step.index]).clamp_(min=0).mean(1)  # (B, N, N)
+                    row = row + (row.unsqueeze(1) @ a_bar).squeeze(1)
+        return self._explanation(x, output, t, row, {"start_layer": self.start_layer})
+
+
+class PartialLRP(_CheferExplainer):
+    """"Partial LRP", a baseline of Chefer et al. 2021 (after Voita et al. 2019): the relevance ``R_L`` of the last
+    block's attention probabilities under :func:`chefer_composite`, negatives clamped, mean over heads, the
+    class-token row over the patch tokens: ``map = E_h[R_L⁺][cls, patches]``. The reverse loop stops at the last
+    block's attention (no gradients, nothing below it).
+
+    ``PartialLRP(model)(x, target=None) -> Explanation``.
+    """
+
+    name = "PartialLRP"
+
+    def __call__(self, x: torch.Tensor, target=None) -> Explanation:
+        last = self.attention_steps[-1]
+        output, records, t, prop = self._start(x, target, None)
+        rel = self._relevances(prop, records, output, t, last.index)[last.index]
+        row = rel[:, :, 0].clamp(min=0).mean(1)  # (B, N)
+        return self._explanation(x, output, t, row)
+
+
+__all__ = ["PartialLRP", "TransformerAttribution", "chefer_composite"]
