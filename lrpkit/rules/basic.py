@@ -42,9 +42,8 @@ class GammaRule(Rule):
         return p + self.gamma * p.clamp(min=0)
 
 
-class WSquareRule(Rule):
-    """LRP-w²: ``R_i = Σ_j w_ij² / Σ_i' w_i'j² · R_j`` (Montavon et al. 2017, deep Taylor decomposition).
-    Input replaced by ones, parameters (weight and bias, as in zennit) squared."""
+class _UnitInputRule(Rule):
+    """A rule for Linear/Conv layers that replaces the input by ones (the relevance depends on weights only)."""
 
     targets = LINEAR_TYPES
     accepted = LINEAR_TYPES
@@ -54,23 +53,19 @@ class WSquareRule(Rule):
 
     def modify_input(self, a):
         return torch.ones_like(a)
+
+
+class WSquareRule(_UnitInputRule):
+    """LRP-w²: ``R_i = Σ_j w_ij² / Σ_i' w_i'j² · R_j`` (Montavon et al. 2017, deep Taylor decomposition).
+    Input replaced by ones, parameters (weight and bias, as in zennit) squared."""
 
     def modify_param(self, p, name):
         return p ** 2
 
 
-class FlatRule(Rule):
+class FlatRule(_UnitInputRule):
     """LRP-flat: ``R_i = Σ_j 1 / Σ_i' 1 · R_j``, i.e. ``R_j`` spread uniformly over the inputs in ``j``'s
     receptive field (Lapuschkin et al. 2019). Input and weights replaced by ones, bias by zero."""
-
-    targets = LINEAR_TYPES
-    accepted = LINEAR_TYPES
-
-    def __init__(self, epsilon: float = 1e-6):
-        self.epsilon = epsilon
-
-    def modify_input(self, a):
-        return torch.ones_like(a)
 
     def modify_param(self, p, name):
         return torch.zeros_like(p) if name == "bias" else torch.ones_like(p)
