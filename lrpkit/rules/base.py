@@ -49,8 +49,11 @@ class IncompatibleRuleError(TypeError):
 
 
 def stabilize(z: torch.Tensor, epsilon: float) -> torch.Tensor:
-    """``z + ε·sign(z)`` with ``sign(0) := 1``: keeps the sign, moves away from zero."""
-    return z + epsilon * torch.where(z >= 0, 1.0, -1.0).to(z.dtype)
+    """``z + ε·sign(z)`` with ``sign(0) := 1``: keeps the sign, moves away from zero.
+
+    (``copysign`` takes the sign bit, so a negative zero ``-0.0`` moves to ``-ε``; both keep the division finite.)
+    """
+    return z + torch.copysign(z.new_full((), epsilon), z)
 
 
 def layer_with_params(layer: nn.Module, fn) -> nn.Module:
