@@ -97,27 +97,32 @@ class Propagation:
     def backward(self, steps: list[Step], records: list[Record], R: torch.Tensor,
                  layerwise: list | None = None) -> torch.Tensor:
         """``R[k] = rule_k.lrp(layer_k, a[k], R[k+1])`` for k = L..1."""
+        total = None  # Σ R per sample, carried from one layer to the next
         for step, rec in zip(reversed(steps), reversed(records)):
             R_out = R
             R = step.rule.lrp(step, rec, R_out, self)
             if layerwise is not None:
                 layerwise.append(R)
             if not step.children:  # containers report their own sinks; their children report theirs
-                self.account(step, rec, R_out, R)
+                total = self.account(step, rec, _per_sample(R_out) if total is None else total, R)
             else:
                 self.absorbed.append((step, dict(rec.absorbed)))
+                total = None
             rec.input = rec.output = None  # free the activations as the loop goes down, as autograd does
             rec.extras = {}
         return R
 
-    def account(self, step: Step, rec: Record, R_out: torch.Tensor, R_in: torch.Tensor) -> None:
-        lost = _per_sample(R_out) - _per_sample(R_in)
+    def account(self, step: Step, rec: Record, out_total: torch.Tensor, R_in: torch.Tensor) -> torch.Tensor:
+        """Record what the layer absorbed (per sample); return Σ R_in per sample for the next layer."""
+        in_total = _per_sample(R_in)
         parts = {k: v.detach() for k, v in rec.absorbed.items()}
-        explicit = sum(parts.values()) if parts else torch.zeros_like(lost)
-        rest = (lost - explicit).detach()
+        rest = out_total - in_total
+        for value in parts.values():
+            rest = rest - value
         key = step.rule.remainder_category(step.layer) if hasattr(step.rule, "remainder_category") else "other"
-        parts[key] = parts.get(key, 0) + rest
+        parts[key] = parts[key] + rest if key in parts else rest
         self.absorbed.append((step, parts))
+        return in_total
 
 
 def _per_sample(t: torch.Tensor) -> torch.Tensor:
