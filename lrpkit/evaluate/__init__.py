@@ -1,0 +1,28 @@
+"""Metrics that judge explanations: faithfulness by perturbation, localisation against a ground-truth mask,
+and the randomisation sanity check. Plain batched functions on tensors; results are tensors on the input's device.
+"""
+
+from .chefer import CHEFER_FRACTIONS, CheferCurve, chefer_perturbation
+from .correlation import rankdata, spearman
+from .deletion import DeletionInsertion, deletion_insertion
+from .localization import pointing_game, relevance_mass_accuracy, relevance_rank_accuracy
+from .perturbation import PerturbationCurves, perturbation_curves
+from .randomization import RandomizationResult, model_randomization, parameterized_layers
+
+__all__ = [
+    "CHEFER_FRACTIONS",
+    "CheferCurve",
+    "DeletionInsertion",
+    "PerturbationCurves",
+    "RandomizationResult",
+    "chefer_perturbation",
+    "deletion_insertion",
+    "model_randomization",
+    "parameterized_layers",
+    "perturbation_curves",
+    "pointing_game",
+    "rankdata",
+    "relevance_mass_accuracy",
+    "relevance_rank_accuracy",
+    "spearman",
+]
