@@ -24,8 +24,8 @@ from .vjp import vjp
 
 
 def pos(t: torch.Tensor, name: str = "") -> torch.Tensor:
-    """``t⁺ = max(t, 0)`` (``t`` itself, not a copy, when it has no negative entry, e.g. after a ReLU)."""
-    return t if bool(t.min() >= 0) else t.clamp(min=0)
+    """``t⁺ = max(t, 0)``."""
+    return t.clamp(min=0)
 
 
 def neg(t: torch.Tensor, name: str = "") -> torch.Tensor:
@@ -97,14 +97,26 @@ class TermRule(Rule):
     def allows_lazy_input(self, layer) -> bool:
         return type(self).forward is TermRule.forward and type(self).lrp is TermRule.lrp
 
+    @staticmethod
+    def _term_input(fn, x: torch.Tensor, nonneg: bool) -> torch.Tensor | None:
+        """``fn(x)``, or None where it is identically zero; with a non-negative ``x`` (after a ReLU) ``pos`` and
+        ``neg`` need no pass over the data."""
+        if nonneg and fn is pos:
+            return x
+        if nonneg and fn is neg:
+            return None
+        a = fn(x)
+        return a if bool(a.any()) else None
+
     def lrp(self, step: Step, rec: Record, R: torch.Tensor, prop: Propagation) -> torch.Tensor:
         x, R_in = rec.input, 0
+        nonneg = bool(x.min() >= 0)
         for group in self._groups():
             z, used = 0, []
             for term in group.terms:
                 layer = step.state[term.param]
-                a = term.input(x)
-                if bool(a.any()):
+                a = self._term_input(term.input, x, nonneg)
+                if a is not None:
                     with torch.no_grad():
                         z = z + term.sign * layer(a)
                     used.append((term.sign, layer, a))
