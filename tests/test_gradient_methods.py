@@ -4,9 +4,9 @@ cubic models, completeness of Integrated Gradients, and agreement with plain aut
 import pytest
 import torch
 from torch import nn
-from timm.models.vision_transformer import VisionTransformer
 
 from lrpkit.methods.gradient import Gradient, InputXGradient, IntegratedGradients, SmoothGrad, integration_points
+from helpers import tiny_vit
 
 
 class Powers(nn.Module):
@@ -24,13 +24,6 @@ def linear():
 
 
 XL = torch.tensor([[1.0, 1.0, 1.0], [2.0, 0.0, -1.0]])
-
-
-def tiny_vit(seed=0, **kw):
-    torch.manual_seed(seed)
-    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
-    args.update(kw)
-    return VisionTransformer(**args).eval()
 
 
 def autograd_input_gradient(model, x, t):

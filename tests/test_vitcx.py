@@ -8,18 +8,11 @@ import pytest
 import torch
 from scipy.spatial.distance import pdist
 from torch import nn
-from timm.models.vision_transformer import VisionTransformer
 
 from lrpkit.layers import (Chain, ClassToken, LayerNormalize, PatchFlatten, PositionalEmbedding, Scale,
                            SelectClassToken, SelfAttention, SkipConnection)
 from lrpkit.methods.vitcx import ViTCX, causal_scores, cluster_masks, cosine_distances, normalize_maps, vitcx_saliency
-
-
-def tiny_vit(seed=0, **kw):
-    torch.manual_seed(seed)
-    args = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
-    args.update(kw)
-    return VisionTransformer(**args).eval()
+from helpers import tiny_vit
 
 
 def timm_output(model, module_path, x):
