@@ -99,8 +99,11 @@ def test_every_preset_runs_on_vits(preset, which, request):
         assert torch.equal(e.target, model(x).argmax(1))
     acc = e.accounting
     assert all(torch.isfinite(v).all() for v in acc.parts.values())
-    assert torch.allclose(acc.total(), acc.output, atol=1e-4)  # the parts close the books
-    assert torch.allclose(acc.input, e.relevance.flatten(1).sum(1), atol=1e-4)
+    # the parts close the books, to float32 rounding of the largest part (AttnLRP with γ moves relevance of
+    # several hundred through biases and the softmax on random weights)
+    scale = max([1.0] + [v.abs().max().item() for v in [acc.input, *acc.parts.values()]])
+    assert torch.allclose(acc.total(), acc.output, atol=1e-6 * scale + 1e-5)
+    assert torch.allclose(acc.input, e.relevance.flatten(1).sum(1), atol=1e-6 * scale + 1e-5)
 
 
 def _rules(lrp):

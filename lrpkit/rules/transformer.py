@@ -110,9 +110,18 @@ class LayerNormRule(_ClosedFormRule):
     def __init__(self, epsilon: float = 1e-6):
         self.epsilon = epsilon
 
+    def needs_output(self, layer) -> bool:
+        return False  # y is recomputed from x: cheaper than keeping it
+
+    def output_recomputable(self, layer) -> bool:
+        return True  # so the next layer (the affine Scale) need not keep its input either
+
     def lrp(self, step, rec, R, prop):
-        s = R / stabilize(rec.output, self.epsilon)
-        return rec.input / step.layer.sigma(rec.input) * (s - s.mean(-1, keepdim=True))
+        x = rec.input
+        sigma = step.layer.sigma(x)
+        y = (x - x.mean(-1, keepdim=True)) / sigma
+        s = R / stabilize(y, self.epsilon)
+        return x / sigma * (s - s.mean(-1, keepdim=True))
 
 
 def _linear_rows(linear: nn.Linear, rows: slice) -> nn.Linear:
@@ -199,7 +208,7 @@ class SelfAttentionRule(Rule):
                 attn = layer.attention(q, k)
                 v = layer.split_heads(v_rec.output.detach())
                 y = attn @ v
-            extras = {"value": v_rec, "attn": attn, "v": v, "y": y}
+            extras = {"value": v_rec, "attn": attn, "v": v}  # y: a view of the out projection's input
         else:
             v_rec = self.value_rule.forward(sub["value"], x, prop)
             with torch.no_grad():
@@ -219,7 +228,7 @@ class SelfAttentionRule(Rule):
         layer, sub, e = step.layer, step.state, rec.extras
         R_y = layer.split_heads(self.out_rule.lrp(sub["out"], e["out"], R, prop))
         if self.mode == "cp":
-            s = R_y / stabilize(e["y"], self.epsilon)
+            s = R_y / stabilize(layer.split_heads(e["out"].input), self.epsilon)
             R_v = e["v"] * (e["attn"].transpose(-2, -1) @ s)
             R_t = layer.merge_heads(R_v)
         else:
