@@ -132,8 +132,9 @@ class Rule:
         return not (self.modifies_input or self.modifies_params or has_input_vjp(layer))
 
     def needs_output(self, layer: nn.Module) -> bool:
-        """Whether ``lrp`` reads the recorded output (the generic rule's denominator, unless it recomputes it)."""
-        return not (self.modifies_input or self.modifies_params)
+        """Whether ``lrp`` reads the recorded output (the generic rule's denominator, unless it recomputes it;
+        an element-wise :class:`~lrpkit.layers.Scale` is cheaper to recompute than to keep)."""
+        return not (self.modifies_input or self.modifies_params or isinstance(layer, Scale))
 
     def allows_lazy_input(self, layer: nn.Module) -> bool:
         """Whether the recorded input may be recomputed in the backward pass (see :class:`Record`)."""
@@ -141,8 +142,8 @@ class Rule:
         return generic and not self.uses_graph(layer)
 
     def output_recomputable(self, layer: nn.Module) -> bool:
-        """Whether the layer's output is cheap to recompute from its recorded input (element-wise activations)."""
-        return False
+        """Whether the layer's output is cheap to recompute from its recorded input (element-wise layers)."""
+        return isinstance(layer, Scale)
 
     def forward(self, step: Step, x: torch.Tensor, prop: Propagation) -> Record:
         """Run the layer in the recording forward pass; keep a graph only where ``lrp`` needs one."""
@@ -163,6 +164,9 @@ class Rule:
                 z = layer(a)
         else:
             a, z = rec.input, rec.output
+            if z is None:  # not kept (see needs_output): recompute
+                with torch.no_grad():
+                    z = layer(a)
         s = R / self.modify_denominator(z.detach())
         c = vjp(layer, a, s, z)
         sink = bias_relevance(layer, s)
