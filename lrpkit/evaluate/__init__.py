@@ -3,6 +3,7 @@ and the randomisation sanity check. Plain batched functions on tensors; results 
 """
 
 from .chefer import CHEFER_FRACTIONS, CheferCurve, chefer_perturbation
+from .conservation import conservation_report
 from .correlation import rankdata, spearman
 from .deletion import DeletionInsertion, deletion_insertion
 from .localization import pointing_game, relevance_mass_accuracy, relevance_rank_accuracy
@@ -16,6 +17,7 @@ __all__ = [
     "PerturbationCurves",
     "RandomizationResult",
     "chefer_perturbation",
+    "conservation_report",
     "deletion_insertion",
     "model_randomization",
     "parameterized_layers",
