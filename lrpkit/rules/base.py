@@ -53,8 +53,8 @@ def stabilize(z: torch.Tensor, epsilon: float) -> torch.Tensor:
 
     (``copysign`` takes the sign bit, so a negative zero ``-0.0`` moves to ``-ε``; both keep the division finite.)
     """
-    out = torch.copysign(z.new_full((), epsilon), z)
-    return out.add_(z)
+    eps = epsilon.to(z) if isinstance(epsilon, torch.Tensor) else z.new_full((), epsilon)  # a tensor ε broadcasts
+    return torch.copysign(eps, z).add_(z)
 
 
 def layer_with_params(layer: nn.Module, fn) -> nn.Module:
