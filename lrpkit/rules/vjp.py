@@ -7,6 +7,7 @@ the rules need no autograd graph (which would keep the layer's input alive) and 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from ..layers import Scale
@@ -28,10 +29,12 @@ def input_vjp(layer: nn.Module, s: torch.Tensor, input_shape: torch.Size) -> tor
     if isinstance(layer, Scale):
         return s * layer.weight.view(layer._shape(s))
     dims = CONV_DIMS[type(layer)]
-    shape_only = s.new_empty(1).expand(input_shape)  # convolution_backward reads only the input's shape here
-    return torch.ops.aten.convolution_backward(
-        s, shape_only, layer.weight, None, layer.stride, layer.padding, layer.dilation, False, [0] * dims,
-        layer.groups, (True, False, False))[0]
+    # the adjoint of a convolution is the transposed convolution with the same weight; output_padding restores
+    # the input rows a strided convolution did not reach
+    extra = [input_shape[2 + i] - ((s.shape[2 + i] - 1) * layer.stride[i] - 2 * layer.padding[i]
+                                   + layer.dilation[i] * (layer.kernel_size[i] - 1) + 1) for i in range(dims)]
+    transpose = (F.conv_transpose1d, F.conv_transpose2d, F.conv_transpose3d)[dims - 1]
+    return transpose(s, layer.weight, None, layer.stride, layer.padding, extra, layer.groups, layer.dilation)
 
 
 def vjp(layer: nn.Module, a: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
