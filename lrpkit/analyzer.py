@@ -39,7 +39,7 @@ def build_steps(chain: Chain, composite: Composite) -> list[Step]:
     return build(chain)
 
 
-def _patch_size(chain: Chain):
+def patch_size_of(chain: Chain):
     """(ph, pw) for a ViT-like chain (a Conv2d patch projection followed by PatchFlatten), else None."""
     head = list(chain)[:3]
     if head and isinstance(head[0], nn.Conv2d) and any(isinstance(m, PatchFlatten) for m in head[1:]):
@@ -84,7 +84,7 @@ class LRP:
         self.chain = canonize(model, strip_softmax=strip_softmax)
         self.composite = composite if composite is not None else default_composite(self.chain)
         self.steps = build_steps(self.chain, self.composite)
-        self.patch_size = _patch_size(self.chain)
+        self.patch_size = patch_size_of(self.chain)
         ref = next(iter(self.chain.parameters()), None)
         self.dtype = ref.dtype if ref is not None else None
         self.device = ref.device if ref is not None else None

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..canonize import canonize
 from ..layers import Chain, ClassToken, SelfAttention
-from ..analyzer import _patch_size
+from ..analyzer import patch_size_of
 
 
 class Explainer:
@@ -24,7 +24,7 @@ class Explainer:
             warnings.warn(f"the model is in training mode; {self.name} explains its eval-mode behaviour on a copy "
                           f"and leaves your model as it is", stacklevel=3)
         self.chain: Chain = canonize(model)
-        self.patch_size = _patch_size(self.chain)
+        self.patch_size = patch_size_of(self.chain)
         if self.needs_attention and not any(isinstance(m, SelfAttention) for m in self.chain.modules()):
             raise TypeError(f"{self.name} needs a vision transformer (a model with self-attention layers); "
                             f"got {type(model).__name__}")
