@@ -47,6 +47,25 @@ def patch_size_of(chain: Chain):
     return None
 
 
+def dtype_device(module: nn.Module) -> tuple:
+    """The dtype and device of the module's parameters (None, None for a module without parameters)."""
+    ref = next(iter(module.parameters()), None)
+    return (ref.dtype, ref.device) if ref is not None else (None, None)
+
+
+def check_tensor(x, dtype: torch.dtype | None, device: torch.device | None) -> None:
+    """Clear errors for an input that is not a floating-point tensor of the model's dtype on the model's device."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}; convert it with x.float()")
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(f"x has dtype {x.dtype} but the model's parameters are {dtype}; "
+                        f"use x.to({dtype}) or convert the model")
+    if device is not None and x.device != device:
+        raise ValueError(f"x is on {x.device} but the model is on {device}; use x.to('{device}')")
+
+
 def resolve_target(output: torch.Tensor, target) -> torch.Tensor:
     """The explained class per sample (B,): argmax for None, an int for all, or one index per sample;
     clear errors for a wrong count, a non-integer or an index out of range."""
@@ -85,9 +104,7 @@ class LRP:
         self.composite = composite if composite is not None else default_composite(self.chain)
         self.steps = build_steps(self.chain, self.composite)
         self.patch_size = patch_size_of(self.chain)
-        ref = next(iter(self.chain.parameters()), None)
-        self.dtype = ref.dtype if ref is not None else None
-        self.device = ref.device if ref is not None else None
+        self.dtype, self.device = dtype_device(self.chain)
 
     def table(self) -> str:
         """Which rule lands on which layer: index, path in the chain, module name, layer, rule."""
@@ -95,15 +112,7 @@ class LRP:
 
     # -- input checks -------------------------------------------------------------------------------------
     def _check_input(self, x) -> None:
-        if not isinstance(x, torch.Tensor):
-            raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
-        if not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}; convert it with x.float()")
-        if self.dtype is not None and x.dtype != self.dtype:
-            raise TypeError(f"x has dtype {x.dtype} but the model's parameters are {self.dtype}; "
-                            f"use x.to({self.dtype}) or convert the model")
-        if self.device is not None and x.device != self.device:
-            raise ValueError(f"x is on {x.device} but the model is on {self.device}; use x.to('{self.device}')")
+        check_tensor(x, self.dtype, self.device)
         first = next((s.layer for s in leaf_steps(self.steps)), None)
         expected, missing_batch = None, False
         if isinstance(first, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..canonize import canonize
 from ..layers import Chain, ClassToken, SelfAttention
-from ..analyzer import patch_size_of
+from ..analyzer import check_tensor, dtype_device, patch_size_of
 
 
 class Explainer:
@@ -28,17 +28,10 @@ class Explainer:
         if self.needs_attention and not any(isinstance(m, SelfAttention) for m in self.chain.modules()):
             raise TypeError(f"{self.name} needs a vision transformer (a model with self-attention layers); "
                             f"got {type(model).__name__}")
-        ref = next(iter(self.chain.parameters()), None)
-        self.dtype = ref.dtype if ref is not None else None
-        self.device = ref.device if ref is not None else None
+        self.dtype, self.device = dtype_device(self.chain)
 
     def check_input(self, x) -> None:
-        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point torch.Tensor, got {getattr(x, 'dtype', type(x).__name__)}")
-        if self.dtype is not None and x.dtype != self.dtype:
-            raise TypeError(f"x has dtype {x.dtype} but the model's parameters are {self.dtype}")
-        if self.device is not None and x.device != self.device:
-            raise ValueError(f"x is on {x.device} but the model is on {self.device}; use x.to('{self.device}')")
+        check_tensor(x, self.dtype, self.device)
         if self.patch_size is not None and x.ndim != 4:
             raise ValueError(f"x must be a batch of images (B, C, H, W), got shape {tuple(x.shape)}")
 

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..analyzer import patch_size_of, resolve_target
+from ..analyzer import dtype_device, resolve_target
 from ..canonize import CanonizationError
 from ..canonize.core import copy_layer
 from ..explanation import Explanation
@@ -36,11 +36,7 @@ class _GradientExplainer(Explainer):
         except CanonizationError:
             self.chain = copy_layer(model)
             self.patch_size = None
-            ref = next(iter(self.chain.parameters()), None)
-            self.dtype = ref.dtype if ref is not None else None
-            self.device = ref.device if ref is not None else None
-        else:
-            self.patch_size = patch_size_of(self.chain)
+            self.dtype, self.device = dtype_device(self.chain)
         if model.training:
             warnings.warn(f"the model is in training mode; {self.name} explains its eval-mode behaviour on a copy "
                           f"and leaves your model as it is", stacklevel=3)
