@@ -17,7 +17,7 @@ from .composites import Composite, format_table
 from .explanation import Accounting, Explanation
 from .layers import Chain, PatchFlatten
 from .presets import default_composite
-from .propagate import Propagation, Step
+from .propagate import Propagation, Step, per_sample
 
 
 def build_steps(chain: Chain, composite: Composite) -> list[Step]:
@@ -174,7 +174,6 @@ def leaf_steps(steps):
 
 
 def _accounting(prop: Propagation, R_out: torch.Tensor, R_in: torch.Tensor) -> Accounting:
-    per_sample = lambda t: t.detach().flatten(1).sum(1)  # noqa: E731
     acc = Accounting(output=per_sample(R_out), input=per_sample(R_in))
     for step, parts in sorted(prop.absorbed, key=lambda item: item[0].index):
         acc.layers.append((step.index, step.name, parts))

@@ -104,7 +104,7 @@ class Propagation:
             if layerwise is not None:
                 layerwise.append(R)
             if not step.children:  # containers report their own sinks; their children report theirs
-                total = self.account(step, rec, _per_sample(R_out) if total is None else total, R)
+                total = self.account(step, rec, per_sample(R_out) if total is None else total, R)
             else:
                 self.absorbed.append((step, dict(rec.absorbed)))
                 total = None
@@ -114,7 +114,7 @@ class Propagation:
 
     def account(self, step: Step, rec: Record, out_total: torch.Tensor, R_in: torch.Tensor) -> torch.Tensor:
         """Record what the layer absorbed (per sample); return Σ R_in per sample for the next layer."""
-        in_total = _per_sample(R_in)
+        in_total = per_sample(R_in)
         parts = {k: v.detach() for k, v in rec.absorbed.items()}
         rest = out_total - in_total
         for value in parts.values():
@@ -125,5 +125,6 @@ class Propagation:
         return in_total
 
 
-def _per_sample(t: torch.Tensor) -> torch.Tensor:
+def per_sample(t: torch.Tensor) -> torch.Tensor:
+    """``Σ t`` per sample, (B,): the relevance totals of the accounting."""
     return t.detach().flatten(1).sum(1)

@@ -43,7 +43,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..layers import LayerNormalize, PositionalEmbedding, Scale, SelfAttention
-from ..propagate import Propagation, Record, Step
+from ..propagate import Propagation, Record, Step, per_sample
 from .base import ACTIVATION_TYPES, RESHAPE_TYPES, IncompatibleRuleError, Rule
 from .basic import ZBoxRule
 from .structural import SkipConnectionRule, SumRule
@@ -74,10 +74,6 @@ def safe_divide(a: torch.Tensor, b: torch.Tensor, eps: float = SAFE_EPS) -> torc
     return (a / den).masked_fill_(den == 0, 0)
 
 
-def _per_sample(t: torch.Tensor) -> torch.Tensor:
-    return t.flatten(1).sum(1)
-
-
 def _per_sample_view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (like.ndim - 1)))
 
@@ -87,8 +83,8 @@ def rescaled_split(shares: list[torch.Tensor], R: torch.Tensor) -> list[torch.Te
     (with per-sample sum ``S_k = Σ a_k``) becomes ``a_k · |S_k| / Σ_k' |S_k'| · ΣR / S_k``
     ``= a_k · sign(S_k) · ΣR / Σ_k' |S_k'|``, so that its sum is ``|S_k| / Σ_k' |S_k'| · ΣR`` (0 where a
     denominator is 0). The shares then sum to ``ΣR`` exactly, per sample."""
-    sums = [_per_sample(a) for a in shares]
-    total = _per_sample(R)
+    sums = [per_sample(a) for a in shares]
+    total = per_sample(R)
     den = sum(s.abs() for s in sums)
     factor = safe_divide(total, den)
     return [a * _per_sample_view(torch.sign(s) * factor, a) for a, s in zip(shares, sums)]
@@ -261,7 +257,7 @@ class CheferPositionalEmbeddingRule(_GraphForward, Rule):
             y = rec.output.detach()
             s = safe_divide(R, y)
             R_x, R_e = rescaled_split([rec.input * s, (y - rec.input) * s], R)
-            rec.absorbed["positional_embedding"] = _per_sample(R_e)
+            rec.absorbed["positional_embedding"] = per_sample(R_e)
             return R_x
 
 

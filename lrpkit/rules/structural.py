@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..layers import SkipConnection, Sum
-from ..propagate import Propagation, Record, Step
+from ..propagate import Propagation, Record, Step, per_sample
 from .base import Rule, stabilize
 
 
@@ -34,7 +34,7 @@ class _SplitRule(Rule):
     def lrp(self, step: Step, rec: Record, R: torch.Tensor, prop: Propagation) -> torch.Tensor:
         s = R / stabilize(rec.output, self.epsilon)
         shares = [summand * s for summand in rec.extras["summands"]]
-        rec.absorbed["stabilizer"] = (R - sum(shares)).flatten(1).sum(1)
+        rec.absorbed["stabilizer"] = per_sample(R - sum(shares))
         identity = isinstance(step.layer, SkipConnection)
         R_in = shares[0] if identity else torch.zeros_like(rec.input)
         for branch, recs, share in zip(step.children, rec.extras["records"], shares[int(identity):]):

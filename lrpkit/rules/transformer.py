@@ -13,13 +13,9 @@ from torch import nn
 
 from ..layers import (ClassToken, LayerNormalize, PatchFlatten, PositionalEmbedding, SelectClassToken,
                       SelfAttention, TokenMean)
-from ..propagate import Propagation, Record, Step
+from ..propagate import Propagation, Record, Step, per_sample
 from .base import IncompatibleRuleError, Rule, stabilize
 from .basic import EpsilonRule
-
-
-def _per_sample(t: torch.Tensor) -> torch.Tensor:
-    return t.flatten(1).sum(1)
 
 
 class _ClosedFormRule(Rule):
@@ -53,7 +49,7 @@ class ClassTokenRule(_ClosedFormRule):
         layer = step.layer
         for i, kind in enumerate(layer.kinds):
             key = self._keys[kind]
-            rec.absorbed[key] = rec.absorbed.get(key, 0) + _per_sample(R[:, i])
+            rec.absorbed[key] = rec.absorbed.get(key, 0) + per_sample(R[:, i])
         return R[:, layer.num_prefix:]
 
 
@@ -68,7 +64,7 @@ class PositionalEmbeddingRule(_ClosedFormRule):
 
     def lrp(self, step, rec, R, prop):
         s = R / stabilize(rec.output, self.epsilon)
-        rec.absorbed["positional_embedding"] = _per_sample((rec.output - rec.input) * s)
+        rec.absorbed["positional_embedding"] = per_sample((rec.output - rec.input) * s)
         return rec.input * s
 
 
