@@ -47,6 +47,14 @@ def patch_size_of(chain: Chain):
     return None
 
 
+def warn_if_training(model, who: str, stacklevel: int = 3) -> None:
+    """Warn that a model in training mode is explained in eval mode (on a copy; the model itself is left as is)."""
+    if isinstance(model, nn.Module) and model.training:
+        warnings.warn(f"the model is in training mode; {who} explains its eval-mode behaviour (dropout off, "
+                      f"BatchNorm running statistics) on a copy and leaves your model as it is",
+                      stacklevel=stacklevel + 1)
+
+
 def dtype_device(module: nn.Module) -> tuple:
     """The dtype and device of the module's parameters (None, None for a module without parameters)."""
     ref = next(iter(module.parameters()), None)
@@ -96,10 +104,7 @@ class LRP:
     """
 
     def __init__(self, model: nn.Module, composite: Composite | None = None, *, strip_softmax: bool = False):
-        if isinstance(model, nn.Module) and model.training:
-            warnings.warn("the model is in training mode; lrpkit explains its eval-mode behaviour (dropout off, "
-                          "BatchNorm running statistics) on a copy and leaves your model as it is",
-                          stacklevel=2)
+        warn_if_training(model, "lrpkit", stacklevel=2)
         self.chain = canonize(model, strip_softmax=strip_softmax)
         self.composite = composite if composite is not None else default_composite(self.chain)
         self.steps = build_steps(self.chain, self.composite)

@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-import warnings
 
 import torch
 from torch import nn
 
 from ..canonize import canonize
 from ..layers import Chain, ClassToken, SelfAttention
-from ..analyzer import check_tensor, dtype_device, patch_size_of
+from ..analyzer import check_tensor, dtype_device, patch_size_of, warn_if_training
 
 
 class Explainer:
@@ -20,9 +19,7 @@ class Explainer:
     needs_attention = False
 
     def __init__(self, model: nn.Module):
-        if isinstance(model, nn.Module) and model.training:
-            warnings.warn(f"the model is in training mode; {self.name} explains its eval-mode behaviour on a copy "
-                          f"and leaves your model as it is", stacklevel=3)
+        warn_if_training(model, self.name)
         self.chain: Chain = canonize(model)
         self.patch_size = patch_size_of(self.chain)
         if self.needs_attention and not any(isinstance(m, SelfAttention) for m in self.chain.modules()):

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..analyzer import dtype_device, resolve_target
+from ..analyzer import dtype_device, resolve_target, warn_if_training
 from ..canonize import CanonizationError
 from ..canonize.core import copy_layer
 from ..explanation import Explanation
@@ -37,9 +37,7 @@ class _GradientExplainer(Explainer):
             self.chain = copy_layer(model)
             self.patch_size = None
             self.dtype, self.device = dtype_device(self.chain)
-        if model.training:
-            warnings.warn(f"the model is in training mode; {self.name} explains its eval-mode behaviour on a copy "
-                          f"and leaves your model as it is", stacklevel=3)
+        warn_if_training(model, self.name)
 
     def check_input(self, x) -> None:
         super().check_input(x)
