@@ -57,6 +57,22 @@ def stabilize(z: torch.Tensor, epsilon: float) -> torch.Tensor:
     return torch.copysign(eps, z).add_(z)
 
 
+def divide(R: torch.Tensor, z: torch.Tensor, epsilon) -> torch.Tensor:
+    """``R / stabilize(z, ε)``, written into the stabilised denominator's buffer (one allocation, not two:
+    on CPU every fresh activation-sized tensor costs page faults that the gradient pass does not pay)."""
+    d = stabilize(z, epsilon)
+    if d.shape != R.shape or d.dtype != R.dtype:
+        return R / d
+    return torch.div(R, d, out=d)
+
+
+def times_input(c: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
+    """``a ⊙ c``, in place in ``c`` when ``c`` is a fresh, dense tensor of the same shape (a VJP's result)."""
+    if c.shape == a.shape and c.dtype == a.dtype and c.is_contiguous() and not c.requires_grad:
+        return c.mul_(a.detach())
+    return a.detach() * c
+
+
 def layer_with_params(layer: nn.Module, fn) -> nn.Module:
     """A frozen copy of ``layer`` whose weight and bias are ``fn(param, name)`` (``None`` bias stays ``None``)."""
     new = copy.deepcopy(layer)
@@ -167,12 +183,14 @@ class Rule:
             if z is None:  # not kept (see needs_output): recompute
                 with torch.no_grad():
                     z = layer(a)
-        s = R / self.modify_denominator(z.detach())
-        c = vjp(layer, a, s, z)
+        if type(self).modify_denominator is Rule.modify_denominator:
+            s = divide(R, z.detach(), self.epsilon)
+        else:
+            s = R / self.modify_denominator(z.detach())
         sink = bias_relevance(layer, s)
         if sink is not None:
             rec.absorbed["bias"] = sink
-        return a.detach() * c
+        return times_input(vjp(layer, a, s, z), a)
 
     def remainder_category(self, layer: nn.Module) -> str:
         """Where the relevance a layer loses beyond its explicit sinks is reported in the accounting."""

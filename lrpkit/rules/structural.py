@@ -10,7 +10,7 @@ import torch
 
 from ..layers import SkipConnection, Sum
 from ..propagate import Propagation, Record, Step, per_sample
-from .base import Rule, stabilize
+from .base import Rule, divide
 
 
 class _SplitRule(Rule):
@@ -28,17 +28,20 @@ class _SplitRule(Rule):
             records.append(recs)
         if isinstance(step.layer, SkipConnection):
             outs.insert(0, x)
-        y = sum(outs)
+        y = outs[0] + outs[1] if len(outs) > 1 else outs[0].clone()
+        for out in outs[2:]:
+            y.add_(out)
         return Record(x, y, extras={"summands": outs, "records": records})
 
     def lrp(self, step: Step, rec: Record, R: torch.Tensor, prop: Propagation) -> torch.Tensor:
-        s = R / stabilize(rec.output, self.epsilon)
+        s = divide(R, rec.output, self.epsilon)
         shares = [summand * s for summand in rec.extras["summands"]]
-        rec.absorbed["stabilizer"] = per_sample(R - sum(shares))
+        rec.absorbed["stabilizer"] = per_sample(R) - sum(per_sample(share) for share in shares)
         identity = isinstance(step.layer, SkipConnection)
-        R_in = shares[0] if identity else torch.zeros_like(rec.input)
+        R_in = shares[0] if identity else None  # the identity's share is a fresh tensor: accumulate in place
         for branch, recs, share in zip(step.children, rec.extras["records"], shares[int(identity):]):
-            R_in = R_in + prop.backward(branch, recs, share)
+            R_branch = prop.backward(branch, recs, share)
+            R_in = R_branch if R_in is None else R_in.add_(R_branch) if identity else R_in + R_branch
         return R_in
 
 

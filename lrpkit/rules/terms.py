@@ -19,7 +19,7 @@ from typing import Callable, NamedTuple
 import torch
 
 from ..propagate import Propagation, Record, Step
-from .base import LINEAR_TYPES, Rule, layer_with_params, stabilize
+from .base import LINEAR_TYPES, Rule, divide, layer_with_params, times_input
 from .vjp import vjp
 
 
@@ -109,29 +109,42 @@ class TermRule(Rule):
         return a if bool(a.any()) else None
 
     def lrp(self, step: Step, rec: Record, R: torch.Tensor, prop: Propagation) -> torch.Tensor:
-        x, R_in = rec.input, 0
+        # every tensor built here is fresh, so the sums and products are accumulated in place
+        x, R_in = rec.input, None
         nonneg = bool(x.min() >= 0)
         for group in self._groups():
-            z, used = 0, []
+            z, used = None, []
             for term in group.terms:
                 layer = step.state[term.param]
                 a = self._term_input(term.input, x, nonneg)
                 if a is not None:
                     with torch.no_grad():
-                        z = z + term.sign * layer(a)
+                        out = layer(a)
                     used.append((term.sign, layer, a))
                 else:  # no relevance reaches a zero input, but the term's (modified) bias still enters z_g
-                    bias = _bias_output(layer)
-                    if bias is not None:
-                        z = z + term.sign * bias
+                    out = _bias_output(layer)
+                    if out is None:
+                        continue
+                if z is None:
+                    z = out if term.sign == 1 and a is not None else term.sign * out
+                elif z.shape == torch.broadcast_shapes(z.shape, out.shape):
+                    z.add_(out, alpha=term.sign)
+                else:
+                    z = z + term.sign * out
             if not used:
                 continue
-            s = group.weight * R / stabilize(z, self.stabilizer)
+            s = divide(R, z.expand_as(R), self.stabilizer)
+            if group.weight != 1:
+                s.mul_(group.weight)
             if group.mask is not None:
-                s = s * group.mask(rec.output)
+                s.mul_(group.mask(rec.output))
             for sign, layer, a in used:
-                R_in = R_in + sign * a * vjp(layer, a, s)
-        return R_in if isinstance(R_in, torch.Tensor) else torch.zeros_like(x)
+                c = times_input(vjp(layer, a, s), a)
+                if R_in is None:
+                    R_in = c if sign == 1 else c.mul_(sign)
+                else:
+                    R_in.add_(c, alpha=sign)
+        return R_in if R_in is not None else torch.zeros_like(x)
 
     def remainder_category(self, layer) -> str:
         return "bias" if getattr(layer, "bias", None) is not None else "stabilizer"
