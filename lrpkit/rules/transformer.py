@@ -14,7 +14,7 @@ from torch import nn
 from ..layers import (ClassToken, LayerNormalize, PatchFlatten, PositionalEmbedding, SelectClassToken,
                       SelfAttention, TokenMean)
 from ..propagate import Propagation, Record, Step, per_sample
-from .base import IncompatibleRuleError, Rule, stabilize
+from .base import IncompatibleRuleError, Rule, divide, stabilize
 from .basic import EpsilonRule
 
 
@@ -63,7 +63,7 @@ class PositionalEmbeddingRule(_ClosedFormRule):
         self.epsilon = epsilon
 
     def lrp(self, step, rec, R, prop):
-        s = R / stabilize(rec.output, self.epsilon)
+        s = divide(R, rec.output, self.epsilon)
         rec.absorbed["positional_embedding"] = per_sample((rec.output - rec.input) * s)
         return rec.input * s
 
@@ -91,7 +91,7 @@ class TokenMeanRule(_ClosedFormRule):
     def lrp(self, step, rec, R, prop):
         start = step.layer.start
         tokens = rec.input[:, start:]
-        s = R / stabilize(rec.output, self.epsilon)
+        s = divide(R, rec.output, self.epsilon)
         R_in = torch.zeros_like(rec.input)
         R_in[:, start:] = tokens * s.unsqueeze(1) / tokens.shape[1]
         return R_in
@@ -116,7 +116,7 @@ class LayerNormRule(_ClosedFormRule):
         x = rec.input
         sigma = step.layer.sigma(x)
         y = (x - x.mean(-1, keepdim=True)) / sigma
-        s = R / stabilize(y, self.epsilon)
+        s = divide(R, y, self.epsilon)
         return x / sigma * (s - s.mean(-1, keepdim=True))
 
 
@@ -224,7 +224,7 @@ class SelfAttentionRule(Rule):
         layer, sub, e = step.layer, step.state, rec.extras
         R_y = layer.split_heads(self.out_rule.lrp(sub["out"], e["out"], R, prop))
         if self.mode == "cp":
-            s = R_y / stabilize(layer.split_heads(e["out"].input), self.epsilon)
+            s = divide(R_y, layer.split_heads(e["out"].input), self.epsilon)
             R_v = e["v"] * (e["attn"].transpose(-2, -1) @ s)
             R_t = layer.merge_heads(R_v)
         else:
@@ -255,7 +255,7 @@ def _norm_lrp(norm: nn.Module, x: torch.Tensor, y: torch.Tensor, R: torch.Tensor
     """LRP-ε through a qk-norm (LayerNorm with σ held constant, affine part included), or pass for Identity."""
     if isinstance(norm, nn.Identity):
         return R
-    s = R / stabilize(y, eps)
+    s = divide(R, y, eps)
     w = norm.weight if norm.weight is not None else 1.0
     sigma = torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + norm.eps)
     g = s * w
