@@ -103,3 +103,24 @@ def test_custom_layer_inside_a_model():
     model = nn.Sequential(nn.Linear(4, 2, bias=False), nn.ReLU(), Mix(torch.randn(2, 2)), nn.Linear(2, 3)).eval()
     expl = lrpkit.analyze(model, torch.rand(2, 4), lrpkit.Composite(lrpkit.GlobalMap(lrpkit.rules.ZeroRule())))
     assert expl.relevance.shape == (2, 4) and torch.isfinite(expl.relevance).all()
+
+
+class Softsign2(nn.Module):
+    """A custom element-wise activation: x / (1 + |x|)."""
+
+    def forward(self, x):
+        return x / (1 + x.abs())
+
+
+def test_registered_pass_rule_may_be_mapped_by_a_composite():
+    # PassRule on a custom layer: registered as its default, a composite may map another PassRule onto it too
+    lrpkit.register_rule(Softsign2, lrpkit.rules.PassRule())
+    model = nn.Sequential(Softsign2()).eval()
+    composite = lrpkit.Composite(lrpkit.GlobalTypeMap({Softsign2: lrpkit.rules.PassRule()}))
+    # an element-wise activation: R = [5, 12] passes through unchanged, R_in = [5, 12]
+    expl = lrpkit.analyze(model, A, composite, R=torch.tensor([[5.0, 12.0]]))
+    torch.testing.assert_close(expl.relevance, torch.tensor([[5.0, 12.0]]))
+    # an unregistered layer type is refused, and the message lists what PassRule handles (not Linear)
+    with pytest.raises(lrpkit.rules.IncompatibleRuleError, match="PassRule.*ReLU") as err:
+        lrpkit.rules.PassRule().check(nn.Linear(2, 2))
+    assert "Linear" not in str(err.value).split("handles")[1]

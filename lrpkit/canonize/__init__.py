@@ -6,8 +6,8 @@ Dropout/Identity and makes residual structure explicit. It builds a new module: 
 Add a model family with :func:`register_canonizer`.
 """
 
-from .core import CanonizationError, canonize, register_canonizer
+from .core import CanonizationError, canonize, flatten, join, make_chain, register_canonizer
 from . import torchvision as _torchvision  # noqa: F401  (registers VGG / ResNet)
 from . import timm_vit as _timm_vit  # noqa: F401  (registers timm VisionTransformer)
 
-__all__ = ["CanonizationError", "canonize", "register_canonizer"]
+__all__ = ["CanonizationError", "canonize", "flatten", "join", "make_chain", "register_canonizer"]

@@ -56,6 +56,8 @@ def copy_layer(layer: nn.Module) -> nn.Module:
 
 
 def join(path: str, name: str) -> str:
+    """The dotted module path of child ``name`` under ``path`` (``join("", "fc")`` is ``"fc"``,
+    ``join("blocks.0", "fc")`` is ``"blocks.0.fc"``): the names the chain and ``NameMap`` use."""
     return f"{path}.{name}" if path else name
 
 
@@ -105,6 +107,8 @@ def simplify(entries: list) -> list:
 
 
 def make_chain(entries: list) -> Chain:
+    """A :class:`~lrpkit.layers.Chain` of the ``(name, layer)`` entries after :func:`simplify` (Dropout/Identity
+    dropped, BatchNorm fused); canonizers use it for the inside of a ``SkipConnection`` or ``Sum``."""
     entries = simplify(entries)
     return Chain([layer for _, layer in entries], [name for name, _ in entries])
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from ..layers import LayerNormalize, PatchFlatten, Scale
 from ..propagate import Propagation, Record, Step
 from .base import ACTIVATION_TYPES, LINEAR_TYPES, NORM_TYPES, RESHAPE_TYPES, Rule
 from .terms import Group, Term, TermRule, neg, no_bias, pos, same
@@ -56,7 +57,7 @@ class _UnitInputRule(Rule):
 
 
 class WSquareRule(_UnitInputRule):
-    """LRP-w²: ``R_i = Σ_j w_ij² / Σ_i' w_i'j² · R_j`` (Montavon et al. 2017, deep Taylor decomposition).
+    """LRP-w²: ``R_i = Σ_j w_ij² / (Σ_i' w_i'j² + b_j²) · R_j`` (Montavon et al. 2017, deep Taylor decomposition).
     Input replaced by ones, parameters (weight and bias, as in zennit) squared."""
 
     def modify_param(self, p, name):
@@ -79,17 +80,11 @@ class PassRule(Rule):
     """
 
     targets = ()
+    accepted = ACTIVATION_TYPES + RESHAPE_TYPES + NORM_TYPES + (torch.nn.Identity, torch.nn.Dropout, LayerNormalize,
+                                                                Scale, PatchFlatten)  # element-count preserving
 
     def __init__(self):
         pass
-
-    def accepts(self, layer) -> bool:
-        from ..layers import LayerNormalize, PatchFlatten, Scale  # noqa: F401  (element-count preserving)
-
-        return isinstance(layer, ACTIVATION_TYPES + RESHAPE_TYPES + NORM_TYPES + (torch.nn.Identity,
-                                                                               torch.nn.Dropout,
-                                                                               LayerNormalize, Scale,
-                                                                               PatchFlatten))
 
     def forward(self, step: Step, x: torch.Tensor, prop: Propagation) -> Record:
         with torch.no_grad():
@@ -159,7 +154,8 @@ class ZBoxRule(TermRule):
 class GeneralizedGammaRule(TermRule):
     """Generalised LRP-γ for inputs of any sign (Andéol et al. 2021; zennit's ``Gamma``). For ``z_j > 0``:
     ``R_i = Σ_j (a_i⁺ (w_ij + γw_ij⁺) + a_i⁻ (w_ij + γw_ij⁻)) / stab(z_j^↑) · R_j``, with ``z^↑`` the sum of those
-    products plus ``b + γb⁺``; for ``z_j < 0`` the same with the roles of ⁺ and ⁻ in the weights swapped."""
+    products plus ``b + γb⁺``; for ``z_j < 0`` the same with the roles of ⁺ and ⁻ in the weights swapped. Outputs with ``z_j = 0`` pass no
+    relevance (they are in neither group)."""
 
     def __init__(self, gamma: float = 0.25, stabilizer: float = 1e-6):
         self.gamma, self.stabilizer = gamma, stabilizer
