@@ -82,6 +82,7 @@ class GlobalMap:
         self.rule = rule
 
     def apply(self, slots):
+        """Set the rule of the slots this primitive selects (``slots``: :func:`layer_slots` of a chain)."""
         for s in slots:
             if isinstance(s.layer, self.rule.targets):
                 s.rule = self.rule
@@ -99,6 +100,7 @@ class GlobalTypeMap:
                 _assign(s, rule, type(self).__name__)
 
     def apply(self, slots):
+        """Set the rule of the slots this primitive selects (``slots``: :func:`layer_slots` of a chain)."""
         for s in slots:
             self._match(s)
 
@@ -133,6 +135,7 @@ class FirstLayerMap:
         self.rule = rule
 
     def apply(self, slots):
+        """Set the rule of the slots this primitive selects (``slots``: :func:`layer_slots` of a chain)."""
         targets = getattr(self.rule, "targets", ())
         for slot in _end_layers(slots, lambda layer: not targets or isinstance(layer, targets), self.last):
             _assign(slot, self.rule, type(self).__name__)
@@ -152,6 +155,7 @@ class FirstLayerTypeMap(GlobalTypeMap):
     last = False
 
     def apply(self, slots):
+        """Set the rule of the slots this primitive selects (``slots``: :func:`layer_slots` of a chain)."""
         types = tuple(t for key in self.mapping for t in (key if isinstance(key, tuple) else (key,)))
         for slot in _end_layers(slots, lambda layer: isinstance(layer, types), self.last):
             self._match(slot)
@@ -170,6 +174,7 @@ class RangeMap:
         self.range, self.rule = index_range, rule
 
     def apply(self, slots):
+        """Set the rule of the slots this primitive selects (``slots``: :func:`layer_slots` of a chain)."""
         GlobalMap(self.rule).apply([s for s in slots if s.index in self.range])
 
 
@@ -181,6 +186,7 @@ class RangeTypeMap(GlobalTypeMap):
         self.range = index_range
 
     def apply(self, slots):
+        """Set the rule of the slots this primitive selects (``slots``: :func:`layer_slots` of a chain)."""
         super().apply([s for s in slots if s.index in self.range])
 
 
@@ -193,6 +199,7 @@ class NameMap:
         self.mapping = dict(mapping)
 
     def apply(self, slots):
+        """Set the rule of the slots this primitive selects (``slots``: :func:`layer_slots` of a chain)."""
         for pattern, rule in self.mapping.items():
             matched = [s for s in slots if fnmatch.fnmatchcase(s.name, pattern)]
             if not matched:
@@ -233,6 +240,8 @@ class Composite:
 
 
 def format_table(slots: list[LayerSlot]) -> str:
+    """The rule table of assigned slots: one row per layer with index, path, name, layer (indented by nesting
+    depth) and rule."""
     rows = [("index", "path", "name", "layer", "rule")]
     for s in slots:
         depth = s.path.count(".inner.") + s.path.count(".branch")

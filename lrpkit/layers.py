@@ -134,6 +134,7 @@ class ClassToken(nn.Module):
 
     @property
     def num_prefix(self) -> int:
+        """P, the number of prepended tokens."""
         return len(self.kinds)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -171,6 +172,7 @@ class LayerNormalize(nn.Module):
         self.eps = eps
 
     def sigma(self, x: torch.Tensor) -> torch.Tensor:
+        """``σ(x) = sqrt(Var(x) + eps)`` over the last dimension (biased variance), shape (..., 1)."""
         return torch.sqrt(x.var(dim=-1, unbiased=False, keepdim=True) + self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -222,6 +224,7 @@ class SelfAttention(nn.Module):
 
     @property
     def head_dim(self) -> int:
+        """d, the width of one head: ``qkv.out_features / (3 · num_heads)``."""
         return self.qkv.out_features // (3 * self.num_heads)
 
     def split_heads(self, t: torch.Tensor) -> torch.Tensor:

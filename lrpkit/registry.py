@@ -33,4 +33,6 @@ def default_rule(layer: nn.Module):
 
 
 def is_registered(layer: nn.Module) -> bool:
+    """Whether a default rule is registered for ``layer``'s type (or a parent type): what canonization requires
+    of every leaf layer."""
     return default_rule(layer) is not None

@@ -28,6 +28,8 @@ class Explainer:
         self.dtype, self.device = dtype_device(self.chain)
 
     def check_input(self, x) -> None:
+        """Clear errors for an input that is not a floating-point tensor of the model's dtype and device, or (for a
+        patch-based model) not a batch of images (B, C, H, W)."""
         check_tensor(x, self.dtype, self.device)
         if self.patch_size is not None and x.ndim != 4:
             raise ValueError(f"x must be a batch of images (B, C, H, W), got shape {tuple(x.shape)}")
