@@ -354,7 +354,11 @@ def make_method(name: str, model: nn.Module, prep: Preprocess, seed: int = 0) ->
         like = difflib.get_close_matches(name, METHODS, n=3)
         hint = f" (did you mean {', '.join(like)}?)" if like else ""
         raise ValueError(f"unknown method {name!r}{hint}; choose from {', '.join(METHODS)}")
+    from .canonize import CanonizationError
+    from .methods.base import NotApplicableError
+    from .rules import IncompatibleRuleError
+
     try:
         return METHODS[name][1](model, prep, seed)
-    except TypeError as err:  # a transformer-only method on a CNN
+    except (NotApplicableError, CanonizationError, IncompatibleRuleError) as err:  # e.g. attention on a CNN
         raise ValueError(f"method {name!r} does not apply to {type(model).__name__}: {err}") from err

@@ -101,6 +101,13 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
     return obj
 
 
+def _first(items: list[str], n: int = 10, sep: str = ", ") -> str:
+    """``[a, b, ...]`` with at most ``n`` items and the count of the rest (a wrong checkpoint of a large model
+    would otherwise make an error message of thousands of characters)."""
+    more = f"{sep}... ({len(items) - n} more)" if len(items) > n else ""
+    return "[" + sep.join(items[:n]) + more + "]"
+
+
 def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> nn.Module:
     """Load weights from a local file into ``model`` in place and return it.
 
@@ -122,11 +129,11 @@ def load_weights(model: nn.Module, path: str | Path, strict: bool = True) -> nn.
               for k in own if k in state and state[k].shape != own[k].shape]
     problems = []
     if strict and missing:
-        problems.append(f"missing keys {missing}")
+        problems.append(f"missing keys {_first([repr(k) for k in missing])}")
     if strict and unexpected:
-        problems.append(f"unexpected keys {unexpected}")
+        problems.append(f"unexpected keys {_first([repr(k) for k in unexpected])}")
     if shapes:
-        problems.append(f"shape mismatches [{'; '.join(shapes)}]")
+        problems.append(f"shape mismatches {_first(shapes, sep='; ')}")
     if problems:
         raise ValueError(f"weights in {path} do not fit {type(model).__name__}: " + ", ".join(problems))
     model.load_state_dict({k: v for k, v in state.items() if k in own}, strict=strict)

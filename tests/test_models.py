@@ -70,3 +70,15 @@ def test_demo_models_reach_95_percent_on_fresh_images():
 def test_build_model_rejects_unknown_arch():
     with pytest.raises(ValueError, match="unknown demo architecture"):
         build_model({"arch": "resnet"})
+
+
+def test_load_weights_error_lists_at_most_ten_keys(tmp_path):
+    # 12 Linear layers in the model, none in the file: 24 missing keys, of which 10 are named, then "(14 more)"
+    from safetensors.torch import save_file
+
+    save_file({"other.weight": torch.zeros(1)}, str(tmp_path / "w.safetensors"))
+    model = torch.nn.Sequential(*[torch.nn.Linear(2, 2) for _ in range(12)])
+    with pytest.raises(ValueError, match=r"missing keys \['0\.bias', .*, \.\.\. \(14 more\)\], unexpected keys "
+                                         r"\['other\.weight'\]") as err:
+        load_weights(model, tmp_path / "w.safetensors")
+    assert str(err.value).count(".weight'") + str(err.value).count(".bias'") == 11

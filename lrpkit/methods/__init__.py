@@ -3,11 +3,11 @@ returns an :class:`~lrpkit.Explanation` with ``heatmap`` (B, H, W), ``target`` a
 ones also ``patch_relevance`` (B, grid_h, grid_w)."""
 
 from .attention import AttentionGradCAM, GenericAttention, RawAttention
-from .base import Explainer
+from .base import Explainer, NotApplicableError
 from .chefer import PartialLRP, TransformerAttribution, chefer_composite
 from .gradient import Gradient, InputXGradient, IntegratedGradients, SmoothGrad
 from .rollout import AttentionRollout, GradientRollout
 from .vitcx import ViTCX
 
-__all__ = ["Explainer", "AttentionRollout", "GradientRollout", "RawAttention", "AttentionGradCAM",
+__all__ = ["Explainer", "NotApplicableError", "AttentionRollout", "GradientRollout", "RawAttention", "AttentionGradCAM",
            "GenericAttention", "TransformerAttribution", "PartialLRP", "chefer_composite", "ViTCX", "Gradient", "InputXGradient", "SmoothGrad", "IntegratedGradients"]

@@ -11,6 +11,11 @@ from ..layers import Chain, ClassToken, SelfAttention
 from ..analyzer import check_tensor, dtype_device, patch_size_of, warn_if_training
 
 
+class NotApplicableError(TypeError):
+    """A method does not apply to this model (e.g. an attention method on a CNN, or a model that pools the
+    tokens for a method that explains through the class token)."""
+
+
 class Explainer:
     """Base class: ``Explainer(model)`` canonizes ``model`` once into ``self.chain`` (a frozen eval-mode copy; the
     user's model is never modified); ``explainer(x, target=None) -> Explanation``."""
@@ -23,7 +28,7 @@ class Explainer:
         self.chain: Chain = canonize(model)
         self.patch_size = patch_size_of(self.chain)
         if self.needs_attention and not any(isinstance(m, SelfAttention) for m in self.chain.modules()):
-            raise TypeError(f"{self.name} needs a vision transformer (a model with self-attention layers); "
+            raise NotApplicableError(f"{self.name} needs a vision transformer (a model with self-attention layers); "
                             f"got {type(model).__name__}")
         self.dtype, self.device = dtype_device(self.chain)
 

@@ -29,7 +29,7 @@ from ..rules.chefer import (ATTENTION, ATTENTION_RELEVANCE, GRAD_FROM, STOP_AT, 
                             CheferPassRule, CheferPositionalEmbeddingRule, CheferSelectTokenRule,
                             CheferSkipConnectionRule, CheferSumRule, CheferTokenMeanRule, CheferZBoxRule,
                             CheferZPlusRule, StopPropagation)
-from .base import Explainer
+from .base import Explainer, NotApplicableError
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -94,12 +94,12 @@ class _CheferExplainer(Explainer):
     def _check_class_token(self, model) -> None:
         tokens = [m for m in self.chain.modules() if isinstance(m, ClassToken)]
         if not tokens or tokens[0].kinds[0] != "class":
-            raise TypeError(f"{self.name} reads the class token's row of the relevance matrix, but this "
+            raise NotApplicableError(f"{self.name} reads the class token's row of the relevance matrix, but this "
                             f"{type(model).__name__} has no class token (class_token=False); use a model with a "
                             f"class token, or an explainer that does not need one (e.g. attention rollout "
                             f"over the mean of the rows)")
         if any(isinstance(m, TokenMean) for m in self.chain.modules()):
-            raise TypeError(f"{self.name} explains through the class token, but this {type(model).__name__} pools "
+            raise NotApplicableError(f"{self.name} explains through the class token, but this {type(model).__name__} pools "
                             f"the tokens by their mean (global_pool='avg'), so the class token does not carry the "
                             f"prediction; use a model with global_pool='token'")
 
