@@ -9,11 +9,13 @@ from .deletion import DeletionInsertion, deletion_insertion
 from .localization import pointing_game, relevance_mass_accuracy, relevance_rank_accuracy
 from .perturbation import PerturbationCurves, perturbation_curves
 from .randomization import RandomizationResult, model_randomization, parameterized_layers
+from .runner import EvaluationResult, run_evaluation
 
 __all__ = [
     "CHEFER_FRACTIONS",
     "CheferCurve",
     "DeletionInsertion",
+    "EvaluationResult",
     "PerturbationCurves",
     "RandomizationResult",
     "chefer_perturbation",
@@ -24,6 +26,7 @@ __all__ = [
     "perturbation_curves",
     "pointing_game",
     "rankdata",
+    "run_evaluation",
     "relevance_mass_accuracy",
     "relevance_rank_accuracy",
     "spearman",
