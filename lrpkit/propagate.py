@@ -95,11 +95,13 @@ class Propagation:
         return x, records
 
     def backward(self, steps: list[Step], records: list[Record], R: torch.Tensor,
-                 layerwise: list | None = None) -> torch.Tensor:
-        """``R[k] = rule_k.lrp(layer_k, a[k], R[k+1])`` for k = L..1."""
-        total = None  # Σ R per sample, carried from one layer to the next
+                 layerwise: list | None = None, total: torch.Tensor | None = None) -> torch.Tensor:
+        """``R[k] = rule_k.lrp(layer_k, a[k], R[k+1])`` for k = L..1. ``total``: ``Σ R`` per sample if the caller
+        knows it (the accounting carries it from one layer to the next instead of summing ``R`` twice)."""
         for step, rec in zip(reversed(steps), reversed(records)):
             R_out = R
+            if step.children:  # a container splits R and hands each branch its share with the share's total
+                rec.extras["total"] = per_sample(R_out) if total is None else total
             R = step.rule.lrp(step, rec, R_out, self)
             if layerwise is not None:
                 layerwise.append(R)
@@ -113,7 +115,11 @@ class Propagation:
         return R
 
     def account(self, step: Step, rec: Record, out_total: torch.Tensor, R_in: torch.Tensor) -> torch.Tensor:
-        """Record what the layer absorbed (per sample); return Σ R_in per sample for the next layer."""
+        """Record what the layer absorbed (per sample); return Σ R_in per sample for the next layer. A rule that
+        only moves relevance (``rule.moves_only``, e.g. PassRule) absorbs nothing: no pass over ``R_in``."""
+        if getattr(step.rule, "moves_only", False):
+            self.absorbed.append((step, {}))
+            return out_total
         in_total = per_sample(R_in)
         parts = {k: v.detach() for k, v in rec.absorbed.items()}
         rest = out_total - in_total

@@ -80,6 +80,7 @@ class PassRule(Rule):
     """
 
     targets = ()
+    moves_only = True  # R_in is R reshaped: the accounting need not sum it again
     accepted = ACTIVATION_TYPES + RESHAPE_TYPES + NORM_TYPES + (torch.nn.Identity, torch.nn.Dropout, LayerNormalize,
                                                                 Scale, PatchFlatten)  # element-count preserving
 

@@ -36,11 +36,14 @@ class _SplitRule(Rule):
     def lrp(self, step: Step, rec: Record, R: torch.Tensor, prop: Propagation) -> torch.Tensor:
         s = divide(R, rec.output, self.epsilon)
         shares = [summand * s for summand in rec.extras["summands"]]
-        rec.absorbed["stabilizer"] = per_sample(R) - sum(per_sample(share) for share in shares)
+        totals = [per_sample(share) for share in shares]
+        total = rec.extras["total"] if "total" in rec.extras else per_sample(R)
+        rec.absorbed["stabilizer"] = total - sum(totals)
         identity = isinstance(step.layer, SkipConnection)
         R_in = shares[0] if identity else None  # the identity's share is a fresh tensor: accumulate in place
-        for branch, recs, share in zip(step.children, rec.extras["records"], shares[int(identity):]):
-            R_branch = prop.backward(branch, recs, share)
+        for branch, recs, share, t in zip(step.children, rec.extras["records"], shares[identity:],
+                                          totals[identity:]):
+            R_branch = prop.backward(branch, recs, share, total=t)
             R_in = R_branch if R_in is None else R_in.add_(R_branch) if identity else R_in + R_branch
         return R_in
 
