@@ -54,6 +54,26 @@ def time_call(fn, x, target, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
+def time_pair(base, fn, x, target, repeats: int = 7) -> tuple[float, float, float]:
+    """Interleaved timing of ``base`` and ``fn``: after one warm-up each, ``repeats`` rounds of (base, fn).
+    Returns (median seconds of base, median seconds of fn, median of the per-round ratios fn / base); the ratio of
+    two calls made back to back is robust against the slow drifts of a shared machine."""
+    for f in (base, fn):
+        f(x, target)
+    _sync(x.device)
+    pairs = []
+    for _ in range(repeats):
+        times = []
+        for f in (base, fn):
+            start = time.perf_counter()
+            f(x, target)
+            _sync(x.device)
+            times.append(time.perf_counter() - start)
+        pairs.append(times)
+    return (statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs),
+            statistics.median(p[1] / p[0] for p in pairs))
+
+
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:

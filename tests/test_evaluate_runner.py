@@ -13,8 +13,11 @@ from PIL import Image
 
 from lrpkit import catalog, data, evaluate, methods
 from lrpkit.evaluate import runner
-from lrpkit.evaluate.runner import (GeneratedImages, ImageFolder, format_summary, parameter_digest, resolve_device,
-                                    run_evaluation, shard, summarize)
+from lrpkit.evaluate.distributed import resolve_device, shard
+from lrpkit.evaluate.report import format_summary, summarize
+from lrpkit.evaluate.runner import run_evaluation
+from lrpkit.evaluate.sources import GeneratedImages, ImageFolder
+from lrpkit.evaluate.store import parameter_digest
 
 FAST = ["gradient", "rollout"]  # both give exactly the same heatmap in any batch
 MAKE_METHOD = catalog.make_method  # the real one, before any monkeypatch
