@@ -35,7 +35,9 @@ class _SplitRule(Rule):
 
     def lrp(self, step: Step, rec: Record, R: torch.Tensor, prop: Propagation) -> torch.Tensor:
         s = divide(R, rec.output, self.epsilon)
-        shares = [summand * s for summand in rec.extras["summands"]]
+        summands = rec.extras["summands"]
+        # the last share is written into s's own (fresh) buffer: one activation-sized allocation fewer per block
+        shares = [summand * s for summand in summands[:-1]] + [s.mul_(summands[-1])]
         totals = [per_sample(share) for share in shares]
         total = rec.extras["total"] if "total" in rec.extras else per_sample(R)
         rec.absorbed["stabilizer"] = total - sum(totals)
