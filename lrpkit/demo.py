@@ -15,16 +15,12 @@ import torch
 
 from . import data, evaluate, methods, presets, viz
 from .analyzer import LRP
+from .evaluate import report
 from .rules import ZBoxRule
 
-METRICS = {  # name: (column title, larger is better)
-    "abpc": ("ABPC ↑", True),
-    "deletion": ("deletion ↓", False),
-    "insertion": ("insertion ↑", True),
-    "pointing": ("pointing ↑", True),
-    "mass": ("mass ↑", True),
-    "rank": ("rank ↑", True),
-}
+#: The demo's metrics: those of ``lrpkit evaluate`` (name: (column title, larger is better)) without the MoRF and
+#: LeRF areas, whose difference ABPC is shown.
+METRICS = {k: v for k, v in report.METRICS.items() if k not in ("morf", "lerf")}
 
 
 class _LRPMethod:
