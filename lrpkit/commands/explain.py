@@ -172,34 +172,18 @@ def output_names(paths: list[Path]) -> list[str]:
 
 
 def resolve_device(name: str):
-    """``torch.device`` for ``--device``; ``auto`` is cuda when available, else mps, else cpu. A device that is not
-    available here is an error that says so."""
+    """``torch.device`` for ``--device``; ``auto`` is cuda when available, else mps, else cpu. Every other name is
+    checked by :func:`lrpkit.evaluate.distributed.resolve_device` (the check ``lrpkit evaluate`` uses), which
+    names a device that is not available here and the fix."""
     import torch
 
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
+    from ..evaluate.distributed import resolve_device as checked_device
+
+    if name == "auto" and not torch.cuda.is_available():
         mps = getattr(torch.backends, "mps", None)
-        return torch.device("mps" if mps is not None and mps.is_available() else "cpu")
-    try:
-        device = torch.device(name)
-    except RuntimeError:
-        raise _usage_error(f"unknown device {name!r}; use cpu, cuda, cuda:N, mps or auto") from None
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise _usage_error(f"device {name!r} is not available: this torch build sees no CUDA GPU "
-                               f"(torch.cuda.is_available() is False); use --device cpu")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise _usage_error(f"device {name!r} is not available: there are {torch.cuda.device_count()} CUDA "
-                               f"device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1})")
-    elif device.type == "mps":
-        mps = getattr(torch.backends, "mps", None)
-        if mps is None or not mps.is_available():
-            raise _usage_error(f"device {name!r} is not available (torch.backends.mps.is_available() is False); "
-                               f"use --device cpu")
-    elif device.type != "cpu":
-        raise _usage_error(f"device {name!r} is not supported here; use cpu, cuda, cuda:N, mps or auto")
-    return device
+        if mps is not None and mps.is_available():
+            return torch.device("mps")
+    return checked_device(name)
 
 
 def read_labels(path: str, num_classes: int) -> list[str]:
