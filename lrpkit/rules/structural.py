@@ -39,8 +39,7 @@ class _SplitRule(Rule):
         # the last share is written into s's own (fresh) buffer: one activation-sized allocation fewer per block
         shares = [summand * s for summand in summands[:-1]] + [s.mul_(summands[-1])]
         totals = [per_sample(share) for share in shares]
-        total = rec.extras["total"] if "total" in rec.extras else per_sample(R)
-        rec.absorbed["stabilizer"] = total - sum(totals)
+        rec.absorbed["stabilizer"] = rec.extras["total"] - sum(totals)  # Σ R, handed over by Propagation.backward
         identity = isinstance(step.layer, SkipConnection)
         R_in = shares[0] if identity else None  # the identity's share is a fresh tensor: accumulate in place
         for branch, recs, share, t in zip(step.children, rec.extras["records"], shares[identity:],

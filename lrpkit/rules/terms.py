@@ -133,7 +133,7 @@ class TermRule(Rule):
                     z = z + term.sign * out
             if not used:
                 continue
-            s = divide(R, z.expand_as(R), self.stabilizer)
+            s = divide(R, z, self.stabilizer)  # z has R's shape: some term had a non-zero input
             if group.weight != 1:
                 s.mul_(group.weight)
             if group.mask is not None:
