@@ -142,6 +142,44 @@ def test_batchnorm_without_a_linear_before_it_is_kept(randomize_bn):
     assert torch.isfinite(expl.relevance).all()
 
 
+def _linear_bn1d_on_tokens(tokens, features):
+    # Linear on (B, L, 3) tokens, then BatchNorm1d(L): it normalises dim 1 (the L tokens), not the features
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(3, features), nn.BatchNorm1d(tokens), nn.Flatten(),
+                          nn.Linear(tokens * features, 2)).eval()
+    with torch.no_grad():
+        model[1].running_mean.uniform_(-1, 1)
+        model[1].running_var.uniform_(0.5, 2.0)
+    return model, torch.randn(2, tokens, 3)
+
+
+def test_batchnorm1d_over_tokens_after_a_linear_is_kept():
+    # BatchNorm1d(5) after Linear(3, 4): 5 features ≠ 4 outputs, so it cannot be folded into the Linear
+    model, x = _linear_bn1d_on_tokens(5, 4)
+    chain = lrpkit.canonize(model)
+    assert [type(m) for m in chain] == [nn.Linear, nn.BatchNorm1d, nn.Flatten, nn.Linear]
+    with torch.no_grad():
+        assert rel_err(chain(x), model(x)) < 1e-6
+
+
+def test_batchnorm1d_fused_into_a_linear_refuses_token_input():
+    # BatchNorm1d(4) after Linear(3, 4) is fused (exact on (B, 4) features), but on (B, 4, 4) tokens it normalised
+    # dim 1: the fused Linear refuses such input instead of computing something else than the model
+    model, x = _linear_bn1d_on_tokens(4, 4)
+    chain = lrpkit.canonize(model)
+    assert [type(m) for m in chain] == [nn.Linear, nn.Flatten, nn.Linear]
+    with pytest.raises(lrpkit.CanonizationError, match=r"BatchNorm1d '1'.*\(2, 4, 3\).*normalises dim 1"):
+        chain(x)
+    with pytest.raises(lrpkit.CanonizationError, match="exact for"):
+        lrpkit.analyze(model, x)
+    # on (B, C) input the same fusion is exact, and LRP runs through the fused layer
+    flat = nn.Sequential(model[0], model[1]).eval()
+    x2 = torch.randn(3, 3)
+    with torch.no_grad():
+        assert rel_err(lrpkit.canonize(flat)(x2), flat(x2)) < 1e-6
+    assert lrpkit.analyze(flat, x2, target=0).relevance.shape == (3, 3)
+
+
 def test_batchnorm_without_running_statistics_is_an_error():
     model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4, track_running_stats=False)).eval()
     with pytest.raises(lrpkit.CanonizationError, match="track_running_stats=False"):

@@ -75,9 +75,29 @@ def flatten(module: nn.Module, path: str = "") -> list:
     return [(path, copy_layer(module))]
 
 
-def fuse_batchnorm(layer: nn.Module, bn: nn.Module) -> nn.Module:
+def _fusable(layer: nn.Module, bn: nn.Module) -> bool:
+    """Whether ``bn`` normalises ``layer``'s output features: a Linear/Conv with as many outputs as ``bn`` has
+    features (a BatchNorm1d after a Linear on (B, L, C) tokens normalises dim 1, L, and stays its own layer)."""
+    if not isinstance(layer, FUSABLE):
+        return False
+    return bn.num_features == (layer.out_features if isinstance(layer, nn.Linear) else layer.out_channels)
+
+
+def _check_features_last(module: nn.Module, args) -> None:
+    """Forward pre-hook of a Linear with a BatchNorm1d fused in: the fusion is exact on (B, C) input only."""
+    x = args[0]
+    if x.ndim != 2:
+        raise CanonizationError(
+            f"a BatchNorm1d was fused into the Linear before it ({module._lrpkit_fused_bn}), which is exact for "
+            f"(B, C) input only; this input has shape {tuple(x.shape)}, on which BatchNorm1d normalises dim 1, "
+            f"not the Linear's {module.out_features} output features. lrpkit cannot canonize this block; "
+            f"register a canonizer for it (lrpkit.register_canonizer)")
+
+
+def fuse_batchnorm(layer: nn.Module, bn: nn.Module, bn_name: str = "") -> nn.Module:
     """``BN(layer(x)) = layer'(x)`` with ``W' = W·γ/√(var+eps)``, ``b' = (b − μ)·γ/√(var+eps) + β``
-    (the BatchNorm's running statistics and its own eps)."""
+    (the BatchNorm's running statistics and its own eps). A Linear with a BatchNorm1d fused in refuses input
+    that is not (B, C): there the BatchNorm normalised dim 1, not the Linear's features."""
     if bn.running_mean is None:
         raise CanonizationError(f"cannot fuse {type(bn).__name__} without running statistics "
                                 f"(track_running_stats=False) into the preceding layer")
@@ -89,6 +109,9 @@ def fuse_batchnorm(layer: nn.Module, bn: nn.Module) -> nn.Module:
     fused.weight = nn.Parameter(w * factor.view(-1, *([1] * (w.ndim - 1))), requires_grad=False)
     b = fused.bias.detach() if fused.bias is not None else torch.zeros_like(bn.running_mean)
     fused.bias = nn.Parameter((b - bn.running_mean) * factor + shift, requires_grad=False)
+    if isinstance(layer, nn.Linear):
+        fused._lrpkit_fused_bn = f"{type(bn).__name__} '{bn_name}'" if bn_name else type(bn).__name__
+        fused.register_forward_pre_hook(_check_features_last)
     return fused
 
 
@@ -98,9 +121,9 @@ def simplify(entries: list) -> list:
     for name, layer in entries:
         if isinstance(layer, DROPPED):
             continue
-        if isinstance(layer, BATCHNORMS) and out and isinstance(out[-1][1], FUSABLE):
+        if isinstance(layer, BATCHNORMS) and out and _fusable(out[-1][1], layer):
             prev_name, prev = out.pop()
-            out.append((prev_name, fuse_batchnorm(prev, layer)))
+            out.append((prev_name, fuse_batchnorm(prev, layer, name)))
             continue
         out.append((name, layer))
     return out
