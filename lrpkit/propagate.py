@@ -78,6 +78,7 @@ class Propagation:
     def __init__(self):
         self.absorbed: list[tuple[Step, dict[str, torch.Tensor]]] = []
         self.store: dict = {}  # what rules want to hand out (e.g. attention relevances), in Explanation.extras
+        self.in_total: torch.Tensor | None = None  # Σ R per sample at the input of the last backward call, if known
 
     def forward(self, steps: list[Step], x: torch.Tensor) -> tuple[torch.Tensor, list[Record]]:
         """``a[k+1] = layer_k(a[k])``, recording each layer's input."""
@@ -109,9 +110,10 @@ class Propagation:
                 total = self.account(step, rec, per_sample(R_out) if total is None else total, R)
             else:
                 self.absorbed.append((step, dict(rec.absorbed)))
-                total = None
+                total = rec.extras.get("in_total")  # a container that knows Σ R_in per sample hands it on
             rec.input = rec.output = None  # free the activations as the loop goes down, as autograd does
             rec.extras = {}
+        self.in_total = total
         return R
 
     def account(self, step: Step, rec: Record, out_total: torch.Tensor, R_in: torch.Tensor) -> torch.Tensor:

@@ -35,18 +35,38 @@ class _SplitRule(Rule):
 
     def lrp(self, step: Step, rec: Record, R: torch.Tensor, prop: Propagation) -> torch.Tensor:
         s = divide(R, rec.output, self.epsilon)
-        summands = rec.extras["summands"]
-        # the last share is written into s's own (fresh) buffer: one activation-sized allocation fewer per block
-        shares = [summand * s for summand in summands[:-1]] + [s.mul_(summands[-1])]
-        totals = [per_sample(share) for share in shares]
-        rec.absorbed["stabilizer"] = rec.extras["total"] - sum(totals)  # Σ R, handed over by Propagation.backward
-        identity = isinstance(step.layer, SkipConnection)
-        R_in = shares[0] if identity else None  # the identity's share is a fresh tensor: accumulate in place
-        for branch, recs, share, t in zip(step.children, rec.extras["records"], shares[identity:],
-                                          totals[identity:]):
-            R_branch = prop.backward(branch, recs, share, total=t)
-            R_in = R_branch if R_in is None else R_in.add_(R_branch) if identity else R_in + R_branch
+        summands, records = rec.extras["summands"], rec.extras["records"]
+        if isinstance(step.layer, SkipConnection):  # y = a + f(a): R_in = R_f propagated through f, + a ⊙ s
+            a, f = summands
+            share = f * s
+            t_f = per_sample(share)
+            R_in = prop.backward(step.children[0], records[0], share, total=t_f)
+            t_branch = _in_total(prop, R_in)
+            R_in = R_in.addcmul_(a, s) if _writable(R_in, a) else torch.addcmul(R_in, a, s)
+            in_total = per_sample(R_in)
+            shared = t_f + in_total - t_branch  # Σ R_f + Σ a ⊙ s
+        else:  # y = Σ f_i(a): R_in = Σ_i (f_i ⊙ s) propagated through f_i; the last share is written into s
+            shares = [summand * s for summand in summands[:-1]] + [s.mul_(summands[-1])]
+            R_in, in_total, shared = None, 0, 0
+            for branch, recs, share in zip(step.children, records, shares):
+                t = per_sample(share)
+                R_branch = prop.backward(branch, recs, share, total=t)
+                R_in = R_branch if R_in is None else R_in.add_(R_branch) if _writable(R_in, R_branch) else \
+                    R_in + R_branch
+                in_total, shared = in_total + _in_total(prop, R_branch), shared + t
+        rec.absorbed["stabilizer"] = rec.extras["total"] - shared  # Σ R, handed over by Propagation.backward
+        rec.extras["in_total"] = in_total
         return R_in
+
+
+def _in_total(prop: Propagation, R: torch.Tensor) -> torch.Tensor:
+    """Σ R per sample at a branch's input: from the branch's accounting where it knows it, else summed."""
+    return prop.in_total if prop.in_total is not None else per_sample(R)
+
+
+def _writable(t: torch.Tensor, like: torch.Tensor) -> bool:
+    """Whether ``t`` (a branch's relevance, fresh) can take an in-place update of ``like``'s shape and dtype."""
+    return t.shape == like.shape and t.dtype == like.dtype and t.is_contiguous() and not t.requires_grad
 
 
 class SkipConnectionRule(_SplitRule):
