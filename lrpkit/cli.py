@@ -1,7 +1,7 @@
 """The ``lrpkit`` command line: ``lrpkit demo``, ``lrpkit explain``, ``lrpkit evaluate``.
 
 Each subcommand lives in its own module under :mod:`lrpkit.commands`. Errors the user can fix (a missing file,
-an unknown model name, weights that do not fit) are printed as one line, ``lrpkit <command>: error: ...``, with
+a folder that cannot be written, an unknown model name, weights that do not fit) are printed as one line, ``lrpkit <command>: error: ...``, with
 exit status 2, instead of a traceback.
 """
 
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args)
-    except (UsageError, FileNotFoundError, ValueError) as err:
+    except (UsageError, OSError, ValueError) as err:  # OSError: a file that cannot be read or written
         print(f"lrpkit {args.command}: error: {err}", file=sys.stderr)
         return 2
 

@@ -117,3 +117,17 @@ def test_num_images_is_an_alias_of_n(tmp_path, capsys):
     # under torchrun the spelling --num-images is needed (torchrun's parser takes --n for its own options)
     assert evaluate("--num-images", 1, "--method", "rollout", "--out", tmp_path, "--quiet") == 0
     assert "metrics over 1 images x 1 methods" in capsys.readouterr().out
+
+
+def test_a_file_system_error_is_one_line(tmp_path, capsys, monkeypatch):
+    # e.g. an --out folder the user may not write to (as root no folder is read-only, so the write is made to fail)
+    import lrpkit.commands.evaluate as command
+
+    def refuse(args):
+        raise PermissionError(13, "Permission denied", str(tmp_path / "out" / "results.csv"))
+
+    monkeypatch.setattr(command, "run", refuse)
+    assert cli.main(["evaluate", "--out", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("lrpkit evaluate: error: ") and "Permission denied" in err and "results.csv" in err
+    assert len(err.strip().splitlines()) == 1
