@@ -78,6 +78,8 @@ def main():
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--repeats", type=int, default=7, help="interleaved rounds (gradient, LRP); the time ratio "
                         "is the median of the per-round ratios")
+    parser.add_argument("--calls", type=int, default=2, help="consecutive calls per method and round, the last one "
+                        "timed (1: strict alternation, each call right after the other method)")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-memory", action="store_true")
@@ -96,7 +98,7 @@ def main():
         grad_fn, lrp_fn = method_fn(model, "gradient"), method_fn(model, method)
         for batch in args.batch:
             x, t = inputs(batch, args.device)
-            t_grad, t_lrp, ratio = harness.time_pair(grad_fn, lrp_fn, x, t, args.repeats)
+            t_grad, t_lrp, ratio = harness.time_pair(grad_fn, lrp_fn, x, t, args.repeats, args.calls)
             row = {"model": model_name, "method": method, "batch": batch, "gradient s": f"{t_grad:.3f}",
                    "LRP s": f"{t_lrp:.3f}", "time ratio": f"{ratio:.2f}"}
             if not args.no_memory:
