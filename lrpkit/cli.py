@@ -1,8 +1,8 @@
 """The ``lrpkit`` command line: ``lrpkit demo``, ``lrpkit explain``, ``lrpkit evaluate``.
 
 Each subcommand lives in its own module under :mod:`lrpkit.commands`. Errors the user can fix (a missing file,
-a folder that cannot be written, an unknown model name, weights that do not fit) are printed as one line, ``lrpkit <command>: error: ...``, with
-exit status 2, instead of a traceback.
+a folder that cannot be written, an unknown model name, weights that do not fit) are printed as one line,
+``lrpkit <command>: error: ...``, with exit status 2, instead of a traceback.
 """
 
 from __future__ import annotations

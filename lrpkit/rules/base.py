@@ -66,9 +66,15 @@ def divide(R: torch.Tensor, z: torch.Tensor, epsilon) -> torch.Tensor:
     return torch.div(R, d, out=d)
 
 
+def writable(t: torch.Tensor, like: torch.Tensor) -> bool:
+    """Whether ``t``, a fresh result of this pass, can take an in-place update by a tensor like ``like``: same
+    shape and dtype, dense, outside autograd."""
+    return t.shape == like.shape and t.dtype == like.dtype and t.is_contiguous() and not t.requires_grad
+
+
 def times_input(c: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
     """``a ⊙ c``, in place in ``c`` when ``c`` is a fresh, dense tensor of the same shape (a VJP's result)."""
-    if c.shape == a.shape and c.dtype == a.dtype and c.is_contiguous() and not c.requires_grad:
+    if writable(c, a):
         return c.mul_(a.detach())
     return a.detach() * c
 

@@ -10,7 +10,7 @@ import torch
 
 from ..layers import SkipConnection, Sum
 from ..propagate import Propagation, Record, Step, per_sample
-from .base import Rule, divide
+from .base import Rule, divide, writable
 
 
 class _SplitRule(Rule):
@@ -42,7 +42,7 @@ class _SplitRule(Rule):
             t_f = per_sample(share)
             R_in = prop.backward(step.children[0], records[0], share, total=t_f)
             t_branch = _in_total(prop, R_in)
-            R_in = R_in.addcmul_(a, s) if _writable(R_in, a) else torch.addcmul(R_in, a, s)
+            R_in = R_in.addcmul_(a, s) if writable(R_in, a) else torch.addcmul(R_in, a, s)
             in_total = per_sample(R_in)
             shared = t_f + in_total - t_branch  # Σ R_f + Σ a ⊙ s
         else:  # y = Σ f_i(a): R_in = Σ_i (f_i ⊙ s) propagated through f_i; the last share is written into s
@@ -51,7 +51,7 @@ class _SplitRule(Rule):
             for branch, recs, share in zip(step.children, records, shares):
                 t = per_sample(share)
                 R_branch = prop.backward(branch, recs, share, total=t)
-                R_in = R_branch if R_in is None else R_in.add_(R_branch) if _writable(R_in, R_branch) else \
+                R_in = R_branch if R_in is None else R_in.add_(R_branch) if writable(R_in, R_branch) else \
                     R_in + R_branch
                 in_total, shared = in_total + _in_total(prop, R_branch), shared + t
         rec.absorbed["stabilizer"] = rec.extras["total"] - shared  # Σ R, handed over by Propagation.backward
@@ -62,11 +62,6 @@ class _SplitRule(Rule):
 def _in_total(prop: Propagation, R: torch.Tensor) -> torch.Tensor:
     """Σ R per sample at a branch's input: from the branch's accounting where it knows it, else summed."""
     return prop.in_total if prop.in_total is not None else per_sample(R)
-
-
-def _writable(t: torch.Tensor, like: torch.Tensor) -> bool:
-    """Whether ``t`` (a branch's relevance, fresh) can take an in-place update of ``like``'s shape and dtype."""
-    return t.shape == like.shape and t.dtype == like.dtype and t.is_contiguous() and not t.requires_grad
 
 
 class SkipConnectionRule(_SplitRule):
