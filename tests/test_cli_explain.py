@@ -226,6 +226,19 @@ def test_error_unreadable_image(tmp_path, capsys):
                 "Pillow", out=out)
 
 
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_error_truncated_image_stops_before_anything_is_written(images, tmp_path, capsys, suffix):
+    # a file whose header is fine but whose data stops half-way: Pillow opens it, decoding it fails
+    whole = tmp_path / f"whole{suffix}"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(whole)
+    cut = tmp_path / f"cut{suffix}"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    out = tmp_path / "out"
+    # one image per batch: without the check up front, the first image's results would be written already
+    check_error(capsys, [images[0], cut, "--model", "demo_vit", "--batch-size", "1", "--out", out],
+                f"cannot read {cut} as an image", out=out)
+
+
 def test_error_missing_weights(images, tmp_path, capsys):
     out = tmp_path / "out"
     check_error(capsys, [images[0], "--model", "demo_vit", "--weights", tmp_path / "w.safetensors", "--out", out],

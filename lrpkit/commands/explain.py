@@ -129,8 +129,8 @@ def method_names(given: list[str] | None) -> list[str]:
 
 def image_paths(given: list[str]) -> list[Path]:
     """The image files: each argument is a file, or a folder whose files with an image suffix
-    (:data:`IMAGE_SUFFIXES`) are taken in sorted order. Every file must exist and Pillow must recognise it
-    (checked on the file header here, before any model is built)."""
+    (:data:`IMAGE_SUFFIXES`) are taken in sorted order. Every file must exist and Pillow must decode it whole
+    (checked here, before any model is built, so that a truncated file stops the run before anything is written)."""
     from PIL import Image, UnidentifiedImageError
 
     paths: list[Path] = []
@@ -147,9 +147,9 @@ def image_paths(given: list[str]) -> list[Path]:
             paths.append(path)
     for path in paths:
         try:
-            with Image.open(path):
-                pass
-        except (UnidentifiedImageError, OSError) as err:
+            with Image.open(path) as image:
+                image.load()
+        except (UnidentifiedImageError, OSError, ValueError) as err:
             raise ValueError(f"cannot read {path} as an image ({err}); give a PNG, JPEG or other file that "
                              f"Pillow can open") from err
     return paths
