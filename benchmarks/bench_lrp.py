@@ -80,6 +80,7 @@ def main():
                         "is the median of the per-round ratios")
     parser.add_argument("--calls", type=int, default=2, help="consecutive calls per method and round, the last one "
                         "timed (1: strict alternation, each call right after the other method)")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed rounds before the timed ones")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-memory", action="store_true")
@@ -98,7 +99,7 @@ def main():
         grad_fn, lrp_fn = method_fn(model, "gradient"), method_fn(model, method)
         for batch in args.batch:
             x, t = inputs(batch, args.device)
-            t_grad, t_lrp, ratio = harness.time_pair(grad_fn, lrp_fn, x, t, args.repeats, args.calls)
+            t_grad, t_lrp, ratio = harness.time_pair(grad_fn, lrp_fn, x, t, args.repeats, args.calls, args.warmup)
             row = {"model": model_name, "method": method, "batch": batch, "gradient s": f"{t_grad:.3f}",
                    "LRP s": f"{t_lrp:.3f}", "time ratio": f"{ratio:.2f}"}
             if not args.no_memory:
