@@ -333,3 +333,33 @@ def test_every_rule_has_a_docstring_with_a_formula():
                 rules.ZBoxRule, rules.AlphaBetaRule, rules.ZPlusRule, rules.PassRule, rules.GeneralizedGammaRule,
                 rules.SkipConnectionRule, rules.SumRule):
         assert cls.__doc__ and "R" in cls.__doc__, cls
+
+
+class _GenericFlat(rules.FlatRule):
+    """LRP-flat through the generic rule: ones as input and weights, a full forward and transposed convolution."""
+
+    prepare = rules.Rule.prepare
+    lrp = rules.Rule.lrp
+
+
+@pytest.mark.parametrize("layer, shape", [
+    (nn.Conv2d(3, 5, 3, stride=2, padding=1), (2, 3, 9, 8)),
+    (nn.Conv2d(3, 4, 7, stride=2, padding=3), (2, 3, 16, 15)),  # ResNet's stem: padding, stride, odd sizes
+    (nn.Conv1d(2, 3, 4, stride=3, padding=2, dilation=2), (2, 2, 20)),
+    (nn.Conv3d(2, 3, 3, padding=1), (1, 2, 4, 5, 3)),
+    (nn.Linear(6, 4), (3, 6)),
+    (nn.Linear(6, 4), (2, 5, 6)),  # tokens
+    (nn.Conv2d(4, 4, 3, groups=2), (2, 4, 6, 6)),  # grouped: the generic path itself
+], ids=["conv2d", "conv2d-stem", "conv1d-dilated", "conv3d", "linear", "linear-tokens", "conv2d-groups"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_flat_closed_form_equals_the_generic_rule(layer, shape, dtype):
+    # the single-channel closed form must give what ones-input, ones-weight LRP gives through the generic rule
+    torch.manual_seed(0)
+    model = nn.Sequential(layer).eval().to(dtype)
+    x = torch.randn(shape, dtype=dtype)
+    R = torch.rand_like(model(x))
+    fast = lrpkit.LRP(model, lrpkit.Composite(lrpkit.GlobalMap(rules.FlatRule())))(x, R=R).relevance
+    slow = lrpkit.LRP(model, lrpkit.Composite(lrpkit.GlobalMap(_GenericFlat())))(x, R=R).relevance
+    assert fast.dtype == dtype and fast.shape == x.shape and fast.is_contiguous()
+    torch.testing.assert_close(fast, slow, rtol=1e-6, atol=1e-7 if dtype == torch.float32 else 1e-12)
+    assert (fast.sum() - R.sum()).abs() < 1e-4 * R.sum()  # flat conserves (zero bias, no sign flips)

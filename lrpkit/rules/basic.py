@@ -11,8 +11,9 @@ import torch
 
 from ..layers import LayerNormalize, PatchFlatten, Scale
 from ..propagate import Propagation, Record, Step
-from .base import ACTIVATION_TYPES, LINEAR_TYPES, NORM_TYPES, RESHAPE_TYPES, Rule
+from .base import ACTIVATION_TYPES, LINEAR_TYPES, NORM_TYPES, RESHAPE_TYPES, Rule, divide, stabilize
 from .terms import Group, Term, TermRule, neg, no_bias, pos, same
+from .vjp import has_input_vjp, input_vjp
 
 
 class ZeroRule(Rule):
@@ -66,10 +67,49 @@ class WSquareRule(_UnitInputRule):
 
 class FlatRule(_UnitInputRule):
     """LRP-flat: ``R_i = Σ_j 1 / Σ_i' 1 · R_j``, i.e. ``R_j`` spread uniformly over the inputs in ``j``'s
-    receptive field (Lapuschkin et al. 2019). Input and weights replaced by ones, bias by zero."""
+    receptive field (Lapuschkin et al. 2019). Input and weights replaced by ones, bias by zero.
+
+    Closed form (Linear, and ConvNd with one group and zero padding): every output channel sees the same ``n_p``
+    inputs at position ``p`` and every input channel gets the same share, so with ``S_p = Σ_o R_{o,p} / stab(n_p)``
+    the relevance is ``R_{i,q} = Σ_{p ∋ q} S_p`` for every input channel ``i``: one single-channel transposed
+    convolution with a ones kernel instead of a full-size forward and transposed convolution.
+    """
 
     def modify_param(self, p, name):
         return torch.zeros_like(p) if name == "bias" else torch.ones_like(p)
+
+    def prepare(self, layer):
+        if isinstance(layer, torch.nn.Linear) or (has_input_vjp(layer) and layer.groups == 1):
+            return _SingleChannel(layer)
+        return super().prepare(layer)
+
+    def lrp(self, step, rec, R, prop):
+        if not isinstance(step.state, _SingleChannel):
+            return super().lrp(step, rec, R, prop)
+        return step.state.flat(rec.input.shape, R, self.epsilon)
+
+
+class _SingleChannel(torch.nn.Module):
+    """A Linear/ConvNd layer's LRP-flat on one channel: ones for the weight, the layer's geometry."""
+
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+        if not isinstance(layer, torch.nn.Linear):
+            self.unit = type(layer)(1, 1, layer.kernel_size, layer.stride, layer.padding, layer.dilation, bias=False)
+            self.unit.weight = torch.nn.Parameter(torch.ones_like(self.unit.weight, dtype=layer.weight.dtype,
+                                                                 device=layer.weight.device), requires_grad=False)
+
+    def flat(self, input_shape, R, epsilon):
+        if isinstance(self.layer, torch.nn.Linear):  # n = in_features for every output
+            S = R.sum(-1, keepdim=True) / stabilize(R.new_full((), self.layer.in_features), epsilon)
+            return S.expand(input_shape).contiguous()
+        unit = self.unit
+        with torch.no_grad():  # n_p: the number of (non-padding) inputs in p's receptive field, all channels
+            n = unit(R.new_ones((1, 1) + tuple(input_shape[2:]))).mul_(self.layer.in_channels)
+        S = divide(R.sum(1, keepdim=True), n.expand(R.shape[:1] + n.shape[1:]), epsilon)
+        c = input_vjp(unit, S, (input_shape[0], 1) + tuple(input_shape[2:]))
+        return c.expand(input_shape).contiguous()
 
 
 class PassRule(Rule):
