@@ -89,26 +89,28 @@ class FlatRule(_UnitInputRule):
         return step.state.flat(rec.input.shape, R, self.epsilon)
 
 
-class _SingleChannel(torch.nn.Module):
-    """A Linear/ConvNd layer's LRP-flat on one channel: ones for the weight, the layer's geometry."""
+class _SingleChannel:
+    """A Linear/ConvNd layer's LRP-flat on one channel: its input count per output (Linear) or a ones-kernel
+    single-channel copy of its geometry (ConvNd)."""
 
     def __init__(self, layer):
-        super().__init__()
-        self.layer = layer
-        if not isinstance(layer, torch.nn.Linear):
+        self.unit = None
+        if isinstance(layer, torch.nn.Linear):
+            self.inputs = layer.in_features
+        else:
+            self.inputs = layer.in_channels
             self.unit = type(layer)(1, 1, layer.kernel_size, layer.stride, layer.padding, layer.dilation, bias=False)
             self.unit.weight = torch.nn.Parameter(torch.ones_like(self.unit.weight, dtype=layer.weight.dtype,
                                                                  device=layer.weight.device), requires_grad=False)
 
     def flat(self, input_shape, R, epsilon):
-        if isinstance(self.layer, torch.nn.Linear):  # n = in_features for every output
-            S = R.sum(-1, keepdim=True) / stabilize(R.new_full((), self.layer.in_features), epsilon)
+        if self.unit is None:  # Linear: n = in_features for every output
+            S = R.sum(-1, keepdim=True) / stabilize(R.new_full((), self.inputs), epsilon)
             return S.expand(input_shape).contiguous()
-        unit = self.unit
         with torch.no_grad():  # n_p: the number of (non-padding) inputs in p's receptive field, all channels
-            n = unit(R.new_ones((1, 1) + tuple(input_shape[2:]))).mul_(self.layer.in_channels)
+            n = self.unit(R.new_ones((1, 1) + tuple(input_shape[2:]))).mul_(self.inputs)
         S = divide(R.sum(1, keepdim=True), n.expand(R.shape[:1] + n.shape[1:]), epsilon)
-        c = input_vjp(unit, S, (input_shape[0], 1) + tuple(input_shape[2:]))
+        c = input_vjp(self.unit, S, (input_shape[0], 1) + tuple(input_shape[2:]))
         return c.expand(input_shape).contiguous()
 
 
