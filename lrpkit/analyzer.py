@@ -17,7 +17,7 @@ from .composites import Composite, format_table
 from .explanation import Accounting, Explanation
 from .layers import Chain, PatchFlatten
 from .presets import default_composite
-from .propagate import Propagation, Step, per_sample
+from .propagate import Propagation, Step, mark_relus, per_sample
 
 
 def build_steps(chain: Chain, composite: Composite) -> list[Step]:
@@ -34,6 +34,7 @@ def build_steps(chain: Chain, composite: Composite) -> list[Step]:
                 step.children = [build(branch) for branch in branches]
             step.state = slot.rule.prepare(slot.layer)
             steps.append(step)
+        mark_relus(steps)
         return steps
 
     return build(chain)

@@ -26,6 +26,41 @@ class Step:
     name: str  # path of the module in the original model
     state: Any = None  # what ``rule.prepare(layer)`` built
     children: list[list["Step"]] = field(default_factory=list)
+    gated: bool = False  # the relevance reaching this step vanishes where its output is ≤ 0 (see mark_relus)
+    relu_in_place: bool = False  # a ReLU over an output that nothing else reads (see mark_relus)
+
+
+def mark_relus(steps: list[Step]) -> None:
+    """Plan the ReLUs of one list of steps: ``low → ReLU → high``, the ReLU's rule passing relevance on unchanged
+    (``moves_only``, e.g. PassRule).
+
+    - ``low.gated`` if ``high``'s rule returns zero wherever its input ``relu(z)`` is zero
+      (``rule.vanishes_with_input``): the relevance reaching ``low`` then vanishes wherever ``z ≤ 0``, and the
+      backward loop hands ``low`` the tensor ``relu(z)`` (``high``'s recorded input, dead by then) as
+      ``Record.extras["gate"]``, a buffer it may overwrite for a cheaper stabiliser
+      (:func:`lrpkit.rules.base.divide`). A rule that takes its denominator from it (``rule.uses_gate``) keeps no
+      output.
+    - ``relu.relu_in_place`` if ``low`` keeps no output (above, or ``not rule.needs_output``) and its record holds
+      the output nowhere else (``rule.output_in_record_only``): the recording pass then applies the ReLU in place
+      on an output it owns, as torchvision's ResNets do, and ``high`` records ``relu(z)`` itself instead of
+      recomputing it in the backward loop.
+    """
+    for low, relu, high in zip(steps, steps[1:], steps[2:] + [None]):
+        if type(relu.layer) is not nn.ReLU or not getattr(relu.rule, "moves_only", False):
+            continue
+        low.gated = high is not None and high.rule.vanishes_with_input(high)
+        relu.relu_in_place = not keeps_output(low) and low.rule.output_in_record_only(low.layer)
+
+
+def keeps_output(step: Step) -> bool:
+    """Whether the recording pass keeps the step's output for the backward loop."""
+    return step.rule.needs_output(step.layer) and not (step.gated and step.rule.uses_gate(step.layer))
+
+
+def _fresh(out: torch.Tensor, inp: torch.Tensor) -> bool:
+    """Whether ``out`` owns its memory: not a view, not the input itself, outside autograd."""
+    return out._base is None and not out.requires_grad and \
+        out.untyped_storage().data_ptr() != inp.untyped_storage().data_ptr()
 
 
 class Record:
@@ -82,15 +117,21 @@ class Propagation:
 
     def forward(self, steps: list[Step], x: torch.Tensor) -> tuple[torch.Tensor, list[Record]]:
         """``a[k+1] = layer_k(a[k])``, recording each layer's input."""
-        records, prev = [], None
+        records, prev, x_in, in_place = [], None, x, False
         for step in steps:
-            rec = step.rule.forward(step, x, self)
-            if prev is not None and prev.rule.output_recomputable(prev.layer) and \
-                    step.rule.allows_lazy_input(step.layer):
+            lazy = prev is not None and prev.rule.output_recomputable(prev.layer) and not in_place and \
+                step.rule.allows_lazy_input(step.layer)
+            in_place = step.relu_in_place and _fresh(x, x_in)  # see mark_relus
+            if in_place:  # the record's input is relu(z) from here on: the ReLU's PassRule reads only its shape
+                with torch.no_grad():
+                    rec = Record(x, torch.relu_(x))
+            else:
+                rec = step.rule.forward(step, x, self)
+            if lazy:
                 rec.input = _Recompute(prev.layer, records[-1])
             records.append(rec)
-            x = rec.output
-            if not step.rule.needs_output(step.layer):
+            x_in, x = x, rec.output
+            if not keeps_output(step):
                 rec.output = None
             prev = step
         return x, records
@@ -99,7 +140,11 @@ class Propagation:
                  layerwise: list | None = None, total: torch.Tensor | None = None) -> torch.Tensor:
         """``R[k] = rule_k.lrp(layer_k, a[k], R[k+1])`` for k = L..1. ``total``: ``Σ R`` per sample if the caller
         knows it (the accounting carries it from one layer to the next instead of summing ``R`` twice)."""
-        for step, rec in zip(reversed(steps), reversed(records)):
+        gates = {}  # position of a gated step -> relu(its output), the input of the step two above
+        for k in reversed(range(len(steps))):
+            step, rec = steps[k], records[k]
+            if k in gates:
+                rec.extras["gate"] = gates.pop(k)
             R_out = R
             if step.children:  # a container splits R and hands each branch its share with the share's total
                 rec.extras["total"] = per_sample(R_out) if total is None else total
@@ -111,6 +156,8 @@ class Propagation:
             else:
                 self.absorbed.append((step, dict(rec.absorbed)))
                 total = rec.extras.get("in_total")  # a container that knows Σ R_in per sample hands it on
+            if k >= 2 and steps[k - 2].gated:
+                gates[k - 2] = rec.input  # relu(z[k - 2]), dead from here on: step k - 2 may overwrite it
             rec.input = rec.output = None  # free the activations as the loop goes down, as autograd does
             rec.extras = {}
         self.in_total = total

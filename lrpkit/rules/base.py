@@ -57,10 +57,20 @@ def stabilize(z: torch.Tensor, epsilon: float) -> torch.Tensor:
     return torch.copysign(eps, z).add_(z)
 
 
-def divide(R: torch.Tensor, z: torch.Tensor, epsilon) -> torch.Tensor:
+def divide(R: torch.Tensor, z: torch.Tensor, epsilon, gate: torch.Tensor | None = None) -> torch.Tensor:
     """``R / stabilize(z, ε)``, written into the stabilised denominator's buffer (one allocation, not two:
-    on CPU every fresh activation-sized tensor costs page faults that the gradient pass does not pay)."""
-    d = stabilize(z, epsilon)
+    on CPU every fresh activation-sized tensor costs page faults that the gradient pass does not pay).
+
+    ``gate``: ``relu(z)``, free to overwrite, handed over where ``R`` is known to vanish wherever ``z ≤ 0`` (see
+    :func:`~lrpkit.propagate.mark_relus`); ``z`` is then not read and may be None. Wherever ``R ≠ 0``,
+    ``stab(z) = z + ε = relu(z) + ε``, so the quotient is ``R / (relu(z) + ε)``: one in-place add instead of a
+    ``copysign`` and an add, and the same values (a zero quotient may differ in its sign bit)."""
+    if gate is not None:
+        eps = epsilon.to(gate) if isinstance(epsilon, torch.Tensor) else epsilon
+        if not writable(gate, R):
+            return R / (gate.detach() + eps)
+        return torch.div(R, gate.add_(eps), out=gate)
+    d = stabilize(z.detach(), epsilon)
     if d.shape != R.shape or d.dtype != R.dtype:
         return R / d
     return torch.div(R, d, out=d)
@@ -180,23 +190,43 @@ class Rule:
     def lrp(self, step: Step, rec: Record, R: torch.Tensor, prop: Propagation) -> torch.Tensor:
         """Generic rule: ``z = layer'(ã); s = R / z'; c = (∂z/∂ã)ᵀ s; R_in = ã ⊙ c``."""
         layer = step.state if step.state is not None else step.layer
+        gate = rec.extras.get("gate") if self.uses_gate(step.layer) else None  # relu(z), see mark_relus
         if self.modifies_input or self.modifies_params:
             a = self.modify_input(rec.input)
             with torch.no_grad():
                 z = layer(a)
         else:
             a, z = rec.input, rec.output
-            if z is None:  # not kept (see needs_output): recompute
+            if z is None and gate is None:  # not kept (see needs_output): recompute
                 with torch.no_grad():
                     z = layer(a)
         if type(self).modify_denominator is Rule.modify_denominator:
-            s = divide(R, z.detach(), self.epsilon)
+            s = divide(R, z, self.epsilon, gate)
         else:
             s = R / self.modify_denominator(z.detach())
         sink = bias_relevance(layer, s)
         if sink is not None:
             rec.absorbed["bias"] = sink
         return times_input(vjp(layer, a, s, z), a)
+
+    def vanishes_with_input(self, step: Step) -> bool:
+        """Whether ``lrp`` returns zero relevance wherever the layer's input is zero: the generic rule on an
+        unmodified input, ``R_in = a ⊙ c``. Lets the layer two below a ReLU use the cheaper stabiliser (see
+        :func:`~lrpkit.propagate.mark_relus`); False is always safe."""
+        return type(self).lrp is Rule.lrp and not self.modifies_input
+
+    def output_in_record_only(self, layer: nn.Module) -> bool:
+        """Whether ``forward`` leaves the layer's output nowhere but in ``Record.output``, so that, once the output
+        is dropped, the recording pass may apply the ReLU above in place (:func:`~lrpkit.propagate.mark_relus`).
+        A rule with its own ``forward`` says so explicitly; False is always safe."""
+        return type(self).forward is Rule.forward
+
+    def uses_gate(self, layer: nn.Module) -> bool:
+        """Whether ``lrp`` takes its denominator from a gate ``relu(z)`` when the backward loop hands it one, and
+        then reads nothing of the recorded output (:func:`~lrpkit.propagate.mark_relus`): the generic rule with
+        the default denominator on a layer whose VJP needs only its weights."""
+        return type(self).lrp is Rule.lrp and type(self).modify_denominator is Rule.modify_denominator and \
+            not (self.modifies_input or self.modifies_params) and has_input_vjp(layer)
 
     def remainder_category(self, layer: nn.Module) -> str:
         """Where the relevance a layer loses beyond its explicit sinks is reported in the accounting."""

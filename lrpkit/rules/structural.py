@@ -34,7 +34,7 @@ class _SplitRule(Rule):
         return Record(x, y, extras={"summands": outs, "records": records})
 
     def lrp(self, step: Step, rec: Record, R: torch.Tensor, prop: Propagation) -> torch.Tensor:
-        s = divide(R, rec.output, self.epsilon)
+        s = divide(R, rec.output, self.epsilon, rec.extras.get("gate"))
         summands, records = rec.extras["summands"], rec.extras["records"]
         if isinstance(step.layer, SkipConnection):  # y = a + f(a): R_in = R_f propagated through f, + a ⊙ s
             a, f = summands
@@ -57,6 +57,19 @@ class _SplitRule(Rule):
         rec.absorbed["stabilizer"] = rec.extras["total"] - shared  # Σ R, handed over by Propagation.backward
         rec.extras["in_total"] = in_total
         return R_in
+
+
+    def output_in_record_only(self, layer) -> bool:
+        return type(self).forward is _SplitRule.forward  # the record keeps the summands, not their sum
+
+    def uses_gate(self, layer) -> bool:
+        return type(self).lrp is _SplitRule.lrp  # the sum y enters only the denominator
+
+    def vanishes_with_input(self, step: Step) -> bool:
+        # R_in = Σ of the branches' input relevances (+ a ⊙ s for the identity): zero where a is if every
+        # branch's first rule vanishes with its input (an empty branch passes f ⊙ s = a ⊙ s)
+        return type(self).lrp is _SplitRule.lrp and all(
+            not branch or branch[0].rule.vanishes_with_input(branch[0]) for branch in step.children)
 
 
 def _in_total(prop: Propagation, R: torch.Tensor) -> torch.Tensor:

@@ -146,5 +146,13 @@ class TermRule(Rule):
                     R_in.add_(c, alpha=sign)
         return R_in if R_in is not None else torch.zeros_like(x)
 
+    def output_in_record_only(self, layer) -> bool:
+        return type(self).forward is TermRule.forward
+
+    def vanishes_with_input(self, step) -> bool:
+        # every term multiplies its input by a function of a that is zero where a is (a, a⁺, a⁻): R_in too
+        return type(self).lrp is TermRule.lrp and all(
+            term.input in (pos, neg, same) for group in self._groups() for term in group.terms)
+
     def remainder_category(self, layer) -> str:
         return "bias" if getattr(layer, "bias", None) is not None else "stabilizer"
