@@ -410,6 +410,19 @@ def test_folder_errors_name_the_problem(tmp_path, folder, demo):
         ImageFolder(folder, prep)
 
 
+@pytest.mark.parametrize("suffix", [".png", ".jpg"])
+def test_folder_check_decodes_every_image(tmp_path, folder, demo, suffix):
+    # a file whose header is fine but whose data stops half-way: Pillow opens it and (for a JPEG) verify() passes;
+    # without decoding it up front, a long run would stop only when it reached this image
+    _, prep = demo
+    whole = tmp_path / f"whole{suffix}"
+    Image.fromarray(np.random.default_rng(0).integers(0, 256, (64, 64, 3), dtype=np.uint8)).save(whole)
+    cut = folder / "images" / f"z_cut{suffix}"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(ValueError, match="cannot read image .*z_cut"):
+        ImageFolder(folder, prep)
+
+
 def test_generated_images_do_not_depend_on_n():
     a = GeneratedImages(3, seed=4, size=64).load([2])
     b = GeneratedImages(9, seed=4, size=64).load([2])

@@ -71,13 +71,17 @@ def _read_mask(path: Path) -> torch.Tensor:
 
 
 def _image_size(path: Path, what: str) -> tuple[int, int]:
-    """(width, height) of an image file, after checking that Pillow can read it."""
+    """(width, height) of an image file, after checking that Pillow can read it: ``verify`` checks the structure
+    (a PNG's checksums), a full decode finds data cut short (which ``verify`` does not see in a JPEG), so that a
+    broken file stops the run before it starts rather than when the run reaches it."""
     from PIL import Image, UnidentifiedImageError
 
     try:
         with Image.open(path) as im:
             size = im.size
             im.verify()
+        with Image.open(path) as im:
+            im.load()
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
         raise ValueError(f"cannot read {what} {path} as an image ({err}); give a PNG, JPEG or other file Pillow "
                          f"can open, or remove it from the folder") from None
