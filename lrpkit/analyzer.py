@@ -12,6 +12,7 @@ import warnings
 import torch
 from torch import nn
 
+from ._inference import outside_inference_mode
 from .canonize import canonize
 from .composites import Composite, format_table
 from .explanation import Accounting, Explanation
@@ -104,8 +105,9 @@ class LRP:
     layerwise=False) -> Explanation``. Thread-safe: a call keeps its state to itself.
     """
 
+    @outside_inference_mode
     def __init__(self, model: nn.Module, composite: Composite | None = None, *, strip_softmax: bool = False):
-        warn_if_training(model, "lrpkit", stacklevel=2)
+        warn_if_training(model, "lrpkit", stacklevel=3)  # user → wrapper → __init__
         self.chain = canonize(model, strip_softmax=strip_softmax)
         self.composite = composite if composite is not None else default_composite(self.chain)
         self.steps = build_steps(self.chain, self.composite)
@@ -134,6 +136,7 @@ class LRP:
             raise ValueError(f"x has shape {tuple(x.shape)} but the first layer ({first}) expects {expected}{hint}")
 
     # -- the analysis ---------------------------------------------------------------------------------------
+    @outside_inference_mode
     def __call__(self, x: torch.Tensor, target=None, *, R: torch.Tensor | None = None,
                  normalize_output: bool = True, layerwise: bool = False) -> Explanation:
         """Explain ``output[b, target[b]]`` per sample.

@@ -6,6 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from .._inference import outside_inference_mode
 from ..canonize import canonize
 from ..layers import Chain, ClassToken, SelfAttention
 from ..analyzer import check_tensor, dtype_device, patch_size_of, warn_if_training
@@ -18,11 +19,20 @@ class NotApplicableError(TypeError):
 
 class Explainer:
     """Base class: ``Explainer(model)`` canonizes ``model`` once into ``self.chain`` (a frozen eval-mode copy; the
-    user's model is never modified); ``explainer(x, target=None) -> Explanation``."""
+    user's model is never modified); ``explainer(x, target=None) -> Explanation``. Subclasses' ``__init__`` and
+    ``__call__`` also work inside ``torch.inference_mode()`` (see :mod:`lrpkit._inference`)."""
 
     name = "Explainer"
     needs_attention = False
 
+    def __init_subclass__(cls, **kwargs):
+        # every explainer's construction and call run outside the caller's torch.inference_mode() (lrpkit._inference)
+        super().__init_subclass__(**kwargs)
+        for name in ("__init__", "__call__"):
+            if name in vars(cls):
+                setattr(cls, name, outside_inference_mode(vars(cls)[name]))
+
+    @outside_inference_mode
     def __init__(self, model: nn.Module):
         warn_if_training(model, self.name)
         self.chain: Chain = canonize(model)

@@ -110,8 +110,6 @@ class _CheferExplainer(Explainer):
     def _start(self, x: torch.Tensor, target, grad_from: int | None):
         """The recording forward pass; ``(output with graph, records, target, prop)``."""
         self.check_input(x)
-        if torch.is_inference_mode_enabled():
-            raise RuntimeError(f"{self.name} needs autograd; call it outside torch.inference_mode()")
         prop = Propagation()
         if grad_from is not None:
             prop.store[GRAD_FROM] = grad_from
