@@ -24,7 +24,6 @@ from torch import nn
 
 from . import methods, presets
 from .analyzer import LRP
-from .rules import ZBoxRule
 
 __all__ = ["DEMO_MODELS", "TORCHVISION_MODELS", "CROP_MODES", "METHODS", "Preprocess", "load_model",
            "make_method", "model_names_like", "class_names"]

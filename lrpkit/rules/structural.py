@@ -58,7 +58,6 @@ class _SplitRule(Rule):
         rec.extras["in_total"] = in_total
         return R_in
 
-
     def output_in_record_only(self, layer) -> bool:
         return type(self).forward is _SplitRule.forward  # the record keeps the summands, not their sum
 
