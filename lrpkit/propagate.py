@@ -156,7 +156,8 @@ class Propagation:
             else:
                 self.absorbed.append((step, dict(rec.absorbed)))
                 total = rec.extras.get("in_total")  # a container that knows Σ R_in per sample hands it on
-            if k >= 2 and steps[k - 2].gated:
+            low = steps[k - 2] if k >= 2 else None
+            if low is not None and low.gated and low.rule.uses_gate(low.layer):
                 gates[k - 2] = rec.input  # relu(z[k - 2]), dead from here on: step k - 2 may overwrite it
             rec.input = rec.output = None  # free the activations as the loop goes down, as autograd does
             rec.extras = {}
