@@ -1,0 +1,152 @@
+"""Bitwise equality of today's package with an earlier revision: the safety net of a redesign (issue 12).
+
+    uv run python benchmarks/check_equal.py --against c5a6677            # everything (a few minutes on 2 cores)
+    uv run python benchmarks/check_equal.py --against c5a6677 --quick    # ResNet-18 and a small ViT only
+
+For ResNet-18/50 and VGG16 (torchvision, random weights and randomised BatchNorm statistics) and ViT-B (timm,
+random weights), every preset: the relevance, the layerwise relevance and the accounting (per layer and per sink)
+of ``lrpkit.LRP`` and of the reference package must be ``torch.equal``. Then every method in ``lrpkit.methods``
+on a ViT (and the gradient methods on a CNN): every tensor of the Explanation. Exit status 1 on any difference.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from reference import load_reference  # noqa: E402
+
+import lrpkit  # noqa: E402
+
+
+def randomised(model):
+    """Eval-mode model with random BatchNorm statistics (so that fusion is exercised)."""
+    g = torch.Generator().manual_seed(3)
+    for m in model.modules():
+        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
+            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+            m.bias.data.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+    return model.eval()
+
+
+def build(name: str):
+    torch.manual_seed(0)
+    if name.startswith("vit"):
+        import timm
+        kw = {} if name == "vit_base_patch16_224" else {"img_size": 64, "depth": 3}
+        return timm.create_model(name if name != "vit_small" else "vit_small_patch16_224", pretrained=False,
+                                 **kw).eval()
+    import torchvision
+    return randomised(getattr(torchvision.models, name)())
+
+
+def composites(pkg, vit: bool):
+    """Name -> composite built by package ``pkg`` (the new or the reference one)."""
+    P, C, R = pkg.presets, pkg.composites, pkg.rules
+    out = {"epsilon": C.Composite(C.GlobalMap(R.EpsilonRule())),
+           "EpsilonPlus": P.EpsilonPlus(), "EpsilonPlusFlat": P.EpsilonPlusFlat(),
+           "EpsilonAlpha2Beta1": P.EpsilonAlpha2Beta1(), "EpsilonAlpha2Beta1Flat": P.EpsilonAlpha2Beta1Flat(),
+           "EpsilonGammaBox": P.EpsilonGammaBox(-3.0, 3.0)}
+    if vit:
+        out.update({"CPLRP": P.CPLRP(), "CPLRP-gamma": P.CPLRP(gamma=0.25), "AttnLRP": P.AttnLRP(),
+                    "AttnLRP-gamma": P.AttnLRP(gamma=0.25), "CPLRP-zbox": P.CPLRP(first_layer=R.ZBoxRule(-3., 3.)),
+                    "chefer": pkg.methods.chefer_composite()})
+    return out
+
+
+def differences(a, b, where: str) -> list[str]:
+    """Where two results differ: tensors by torch.equal, containers element by element."""
+    if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
+        if not (isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)) or a.shape != b.shape or \
+                a.dtype != b.dtype or not torch.equal(a, b):
+            detail = ""
+            if isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor) and a.shape == b.shape:
+                detail = f" (max |diff| {(a.double() - b.double()).abs().max().item():.3g})"
+            return [f"{where}: differs{detail}"]
+        return []
+    if isinstance(a, dict) and isinstance(b, dict):
+        if a.keys() != b.keys():
+            return [f"{where}: keys {sorted(map(str, a))} != {sorted(map(str, b))}"]
+        return [d for k in a if k not in TIMINGS for d in differences(a[k], b[k], f"{where}[{k!r}]")]
+    if isinstance(a, (list, tuple)) and isinstance(b, (list, tuple)):
+        if len(a) != len(b):
+            return [f"{where}: length {len(a)} != {len(b)}"]
+        return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{where}[{i}]")]
+    if hasattr(a, "__dataclass_fields__") and hasattr(b, "__dataclass_fields__"):
+        return differences(vars(a), vars(b), where)
+    return [] if a == b else [f"{where}: {a!r} != {b!r}"]
+
+
+def compare_lrp(new, old, model, x, name: str, vit: bool) -> list[str]:
+    problems = []
+    new_c, old_c = composites(new, vit), composites(old, vit)
+    for key in new_c:
+        a_lrp, b_lrp = new.LRP(model, new_c[key]), old.LRP(model, old_c[key])
+        for kwargs in ({"layerwise": True}, {"normalize_output": False}):
+            a, b = a_lrp(x, **kwargs), b_lrp(x, **kwargs)
+            problems += differences(vars(a), vars(b), f"{name} {key} {kwargs}")
+        print(f"  {name} {key}: {'ok' if not problems else 'DIFFERS'}", flush=True)
+    return problems
+
+
+METHOD_OPTIONS = {"SmoothGrad": {"n": 4}, "IntegratedGradients": {"steps": 8}}
+TIMINGS = ("masked_seconds", "images_per_second")  # wall-clock figures a method reports: not results
+
+
+def compare_methods(new, old, model, x, name: str, names) -> list[str]:
+    problems = []
+    for method in names:
+        kw = METHOD_OPTIONS.get(method, {})
+        torch.manual_seed(0)
+        b = getattr(old.methods, method)(model, **kw)(x)
+        torch.manual_seed(0)
+        a = getattr(new.methods, method)(model, **kw)(x)
+        found = differences(vars(a), vars(b), f"{name} {method}")
+        print(f"  {name} {method}: {'ok' if not found else 'DIFFERS'}", flush=True)
+        problems += found
+    return problems
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--against", required=True, help="git revision of the reference package")
+    parser.add_argument("--quick", action="store_true", help="ResNet-18 and a small ViT only")
+    args = parser.parse_args()
+    old = load_reference(args.against)
+    start = time.perf_counter()
+    cnns = ["resnet18"] if args.quick else ["resnet18", "resnet50", "vgg16"]
+    vits = ["vit_small"] if args.quick else ["vit_base_patch16_224"]
+    problems = []
+    g = torch.Generator().manual_seed(1)
+    for name in cnns:
+        model, x = build(name), torch.randn(2, 3, 224, 224, generator=g)
+        problems += compare_lrp(lrpkit, old, model, x, name, vit=False)
+        if name == "resnet18":
+            problems += compare_methods(lrpkit, old, model, x[:1], name,
+                                        ["Gradient", "InputXGradient", "SmoothGrad", "IntegratedGradients"])
+    for name in vits:
+        model = build(name)
+        size = 224 if name == "vit_base_patch16_224" else 64
+        x = torch.randn(2, 3, size, size, generator=g)
+        problems += compare_lrp(lrpkit, old, model, x, name, vit=True)
+        small = build("vit_small")
+        xs = torch.randn(2, 3, 64, 64, generator=g)
+        problems += compare_methods(lrpkit, old, small, xs, "vit_small", [m for m in lrpkit.methods.__all__
+                                    if m not in ("Explainer", "NotApplicableError", "chefer_composite")])
+        problems += compare_methods(lrpkit, old, model, x[:1], name, ["TransformerAttribution", "PartialLRP",
+                                                                       "AttentionRollout", "GradientRollout"])
+    print(f"\n{len(problems)} differences in {time.perf_counter() - start:.0f} s")
+    for p in problems:
+        print("  " + p)
+    sys.exit(1 if problems else 0)
+
+
+if __name__ == "__main__":
+    main()
