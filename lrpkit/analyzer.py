@@ -18,7 +18,10 @@ from .composites import Composite, format_table
 from .explanation import Accounting, Explanation
 from .layers import Chain, PatchFlatten
 from .presets import default_composite
-from .propagate import Propagation, Step, mark_relus, per_sample
+from .accounting import AccountingObserver, LayerwiseObserver
+from .plan import Plan
+from .propagate import Step
+from .tape import Tape
 
 
 def build_steps(chain: Chain, composite: Composite) -> list[Step]:
@@ -35,7 +38,6 @@ def build_steps(chain: Chain, composite: Composite) -> list[Step]:
                 step.children = [build(branch) for branch in branches]
             step.state = slot.rule.prepare(slot.layer)
             steps.append(step)
-        mark_relus(steps)
         return steps
 
     return build(chain)
@@ -101,8 +103,9 @@ def resolve_target(output: torch.Tensor, target) -> torch.Tensor:
 class LRP:
     """A reusable LRP analyzer: ``LRP(model, composite=None)`` canonizes ``model`` once (a frozen eval-mode copy;
     ``model`` is never modified), maps rules with ``composite`` (default: :func:`lrpkit.presets.default_composite`)
-    and builds the modified layers. Call it on batches: ``lrp(x, target=None, *, R=None, normalize_output=True,
-    layerwise=False) -> Explanation``. Thread-safe: a call keeps its state to itself.
+    and builds the modified layers and the execution plan (``lrp.plan``, :class:`lrpkit.plan.Plan`). Call it on
+    batches: ``lrp(x, target=None, *, R=None, normalize_output=True, layerwise=False) -> Explanation``.
+    Thread-safe: a call keeps its state to itself (its :class:`~lrpkit.tape.Tape`).
     """
 
     @outside_inference_mode
@@ -111,6 +114,7 @@ class LRP:
         self.chain = canonize(model, strip_softmax=strip_softmax)
         self.composite = composite if composite is not None else default_composite(self.chain)
         self.steps = build_steps(self.chain, self.composite)
+        self.plan = Plan(self.steps)
         self.patch_size = patch_size_of(self.chain)
         self.dtype, self.device = dtype_device(self.chain)
 
@@ -147,29 +151,31 @@ class LRP:
         layer's input (``Explanation.layerwise[k]`` for layer k, the last entry the output relevance).
         """
         self._check_input(x)
-        prop = Propagation()
+        accounting, trace = AccountingObserver(), LayerwiseObserver() if layerwise else None
+        tape = Tape(self.plan, observers=[accounting] + ([trace] if trace else []))
         with torch.enable_grad():
-            output, records = prop.forward(self.steps, x)
-        output = output.detach()
-        if R is not None:
-            if target is not None:
-                raise ValueError("pass either target or R, not both")
-            R = torch.as_tensor(R)
-            if R.shape != output.shape:
-                raise ValueError(f"R has shape {tuple(R.shape)} but the output has shape {tuple(output.shape)}")
-            R_out, target_idx = R.to(output), None
-        else:
-            target_idx = resolve_target(output, target)
-            mask = torch.zeros_like(output).scatter_(1, target_idx[:, None], 1.0)
-            R_out = mask if normalize_output else mask * output
-        trace = [] if layerwise else None
-        relevance = prop.backward(self.steps, records, R_out, trace)
-        if trace is not None:
-            trace = trace[::-1] + [R_out]
-        return Explanation(relevance=relevance.detach(), output=output, target=target_idx, method="LRP",
-                           layerwise=trace, accounting=_accounting(prop, R_out, relevance),
-                           patch_size=self.patch_size, input_size=tuple(x.shape[2:]) if x.ndim >= 3 else None,
-                           extras=prop.store)
+            output = tape.forward(self.steps, x.detach()).detach()
+        R_out, target_idx = output_relevance(output, target, R, normalize_output)
+        relevance = tape.backward(self.steps, R_out).detach()
+        return Explanation(relevance=relevance, output=output, target=target_idx, method="LRP",
+                           layerwise=trace.result(R_out) if trace else None,
+                           accounting=accounting.result(R_out, relevance), patch_size=self.patch_size,
+                           input_size=tuple(x.shape[2:]) if x.ndim >= 3 else None, extras=tape.handed)
+
+
+def output_relevance(output: torch.Tensor, target, R, normalize_output: bool) -> tuple:
+    """``(R_out, target)``: an explicit ``R`` of the output's shape (then no target), or the one-hot of the target
+    (``normalize_output=True``) or the target logit (False)."""
+    if R is not None:
+        if target is not None:
+            raise ValueError("pass either target or R, not both")
+        R = torch.as_tensor(R)
+        if R.shape != output.shape:
+            raise ValueError(f"R has shape {tuple(R.shape)} but the output has shape {tuple(output.shape)}")
+        return R.to(output), None
+    target_idx = resolve_target(output, target)
+    mask = torch.zeros_like(output).scatter_(1, target_idx[:, None], 1.0)
+    return (mask if normalize_output else mask * output), target_idx
 
 
 def leaf_steps(steps):
@@ -180,15 +186,6 @@ def leaf_steps(steps):
                 yield from leaf_steps(branch)
         else:
             yield s
-
-
-def _accounting(prop: Propagation, R_out: torch.Tensor, R_in: torch.Tensor) -> Accounting:
-    acc = Accounting(output=per_sample(R_out), input=per_sample(R_in))
-    for step, parts in sorted(prop.absorbed, key=lambda item: item[0].index):
-        acc.layers.append((step.index, step.name, parts))
-        for key, value in parts.items():
-            acc.parts[key] = acc.parts.get(key, 0) + value
-    return acc
 
 
 def analyze(model: nn.Module, x: torch.Tensor, composite: Composite | None = None, target=None, *,

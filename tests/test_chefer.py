@@ -14,7 +14,9 @@ import lrpkit
 from lrpkit.layers import Chain, LayerNormalize, Scale, SelfAttention, SkipConnection
 from lrpkit.methods._capture import attention_and_gradients
 from lrpkit.methods.chefer import PartialLRP, TransformerAttribution, chefer_composite
-from lrpkit.propagate import Propagation, Step
+from lrpkit.plan import Plan
+from lrpkit.propagate import Step
+from lrpkit.tape import Tape
 from lrpkit.rules.chefer import (ATTENTION_RELEVANCE, CheferAttentionRule, CheferLinearRule, CheferPassRule,
                                  CheferPositionalEmbeddingRule, CheferSkipConnectionRule, CheferSumRule, CheferZBoxRule,
                                  CheferZPlusRule, product_split, rescaled_split, safe_divide)
@@ -28,12 +30,12 @@ def tiny_vit(seed=0, dtype=torch.float64, **kw):
 
 
 def run_rule(rule, layer, x, R):
-    """Forward + reverse of one layer under ``rule``; returns (R_in, prop, record)."""
+    """Forward + reverse of one layer under ``rule``; returns (R_in, tape, record)."""
     step = Step(layer, rule, 0, "0", "layer")
     step.state = rule.prepare(layer)
-    prop = Propagation()
-    rec = rule.forward(step, x, prop)
-    return rule.lrp(step, rec, R, prop), prop, rec
+    tape = Tape(Plan([step]))
+    rec = rule.forward(step, x, tape)
+    return rule.lrp(step, rec, R, tape), tape, rec
 
 
 def linear(weight, bias=None):
@@ -162,9 +164,9 @@ def test_attention_rule_hand_case():
     layer = tiny_attention()
     x = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]], dtype=torch.float64)
     R = torch.tensor([[[4.0], [2.0]]], dtype=torch.float64)
-    R_in, prop, rec = run_rule(CheferAttentionRule(), layer, x, R)
+    R_in, tape, rec = run_rule(CheferAttentionRule(), layer, x, R)
     assert torch.allclose(rec.output, layer(x))  # the rule's forward is the layer's
-    ((index, R_A),) = prop.store[ATTENTION_RELEVANCE]
+    ((index, R_A),) = tape.handed[ATTENTION_RELEVANCE]
     assert index == 0
     assert torch.allclose(R_A, torch.tensor([[[[1.5, 0.5], [0.75, 0.25]]]], dtype=torch.float64), atol=1e-8)
     assert torch.allclose(R_in, torch.tensor([[[4.375, 0.0], [0.0, 1.625]]], dtype=torch.float64), atol=1e-8)
@@ -176,7 +178,7 @@ def test_attention_rule_matches_generic_product_splits():
     layer = SelfAttention(linear(torch.randn(12, 8)), linear(torch.randn(8, 4)), num_heads=2, scale=0.5)
     x = torch.randn(2, 5, 8, dtype=torch.float64)
     R = torch.randn(2, 5, 8, dtype=torch.float64)
-    R_in, prop, rec = run_rule(CheferAttentionRule(), layer, x, R)
+    R_in, tape, rec = run_rule(CheferAttentionRule(), layer, x, R)
     # the same steps with the generic (autograd) product rule and the term-based α1β0 rule
     lin = CheferZPlusRule()
     R_y, _, _ = run_rule(lin, layer.proj, layer.merge_heads(rec.extras["y"]), R)
@@ -185,7 +187,7 @@ def test_attention_rule_matches_generic_product_splits():
     R_q, R_k = product_split(e["qn"], e["kn"], R_A, e["dots"], lambda q, k: q @ k.transpose(-2, -1))
     R_t = torch.cat([layer.merge_heads(t) for t in (R_q, R_k, R_v)], -1)
     expected, _, _ = run_rule(lin, layer.qkv, x, R_t)
-    assert torch.allclose(prop.store[ATTENTION_RELEVANCE][0][1], R_A, atol=1e-10)
+    assert torch.allclose(tape.handed[ATTENTION_RELEVANCE][0][1], R_A, atol=1e-10)
     assert torch.allclose(R_in, expected, atol=1e-9)
     # conservation at both products: Σ R_A = Σ R_v = Σ R_y / 2, Σ R_q + Σ R_k = Σ R_A
     assert torch.allclose(R_A.sum((1, 2, 3)), R_y.sum((1, 2)) / 2, atol=1e-9)

@@ -22,13 +22,13 @@ from ..composites import Composite, FirstLayerTypeMap, GlobalTypeMap
 from ..explanation import Explanation
 from ..layers import (ClassToken, LayerNormalize, PositionalEmbedding, Scale, SelectClassToken, SelfAttention,
                       SkipConnection, Sum, TokenMean)
-from ..propagate import Propagation
+from ..plan import Plan
+from ..tape import Tape
 from ..rules.base import ACTIVATION_TYPES
 from ..rules.basic import ZBoxRule
-from ..rules.chefer import (ATTENTION, ATTENTION_RELEVANCE, GRAD_FROM, STOP_AT, CheferAttentionRule, CheferLinearRule,
-                            CheferPassRule, CheferPositionalEmbeddingRule, CheferSelectTokenRule,
-                            CheferSkipConnectionRule, CheferSumRule, CheferTokenMeanRule, CheferZBoxRule,
-                            CheferZPlusRule, StopPropagation)
+from ..rules.chefer import (ATTENTION, ATTENTION_RELEVANCE, CheferAttentionRule, CheferLinearRule, CheferPassRule,
+                            CheferPositionalEmbeddingRule, CheferSelectTokenRule, CheferSkipConnectionRule,
+                            CheferSumRule, CheferTokenMeanRule, CheferZBoxRule, CheferZPlusRule)
 from .base import Explainer, NotApplicableError
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -84,6 +84,7 @@ class _CheferExplainer(Explainer):
         super().__init__(model)
         self.composite = composite if composite is not None else chefer_composite()
         self.steps = build_steps(self.chain, self.composite)
+        self.plan = Plan(self.steps)
         self.attention_steps = [s for s in leaf_steps(self.steps) if isinstance(s.layer, SelfAttention)]
         for s in self.attention_steps:
             if not isinstance(s.rule, CheferAttentionRule):
@@ -107,27 +108,22 @@ class _CheferExplainer(Explainer):
         """The rule table of the composite on the canonized chain."""
         return self.composite.table(self.chain)
 
-    def _start(self, x: torch.Tensor, target, grad_from: int | None):
-        """The recording forward pass; ``(output with graph, records, target, prop)``."""
+    def _start(self, x: torch.Tensor, target, stop_at: int, grad_from: int | None = None):
+        """The recording forward pass on a tape that stops after the attention step ``stop_at`` (and keeps the
+        graph from ``grad_from``); ``(output with graph, target, tape)``."""
         self.check_input(x)
-        prop = Propagation()
-        if grad_from is not None:
-            prop.store[GRAD_FROM] = grad_from
+        tape = Tape(self.plan, graph_from=grad_from, stop_after=stop_at)
         with torch.enable_grad():
-            output, records = prop.forward(self.steps, x)
-        return output, records, resolve_target(output.detach(), target), prop
+            output = tape.forward(self.steps, x.detach())
+        return output, resolve_target(output.detach(), target), tape
 
-    def _relevances(self, prop: Propagation, records, output: torch.Tensor, t: torch.Tensor, stop_at: int) -> dict:
-        """Reverse loop from the one-hot target down to the attention step ``stop_at``; ``{index: R_A}``."""
+    def _relevances(self, tape: Tape, output: torch.Tensor, t: torch.Tensor) -> dict:
+        """Reverse loop from the one-hot target down to the tape's stop; ``{index: R_A}``."""
         R = torch.zeros_like(output.detach()).scatter_(1, t[:, None], 1.0)
-        prop.store[STOP_AT] = stop_at
-        try:
-            prop.backward(self.steps, records, R)
-        except StopPropagation:
-            pass
-        else:  # pragma: no cover - the stop step is an attention step of this chain
-            raise RuntimeError(f"the reverse loop did not reach attention step {stop_at}")
-        return dict(prop.store[ATTENTION_RELEVANCE])
+        tape.backward(self.steps, R)
+        if not tape.stopped:  # pragma: no cover - the stop step is an attention step of this chain
+            raise RuntimeError(f"the reverse loop did not reach attention step {tape.stop_after}")
+        return dict(tape.handed[ATTENTION_RELEVANCE])
 
     def _explanation(self, x, output, t, row: torch.Tensor, extras: dict | None = None) -> Explanation:
         """The class-token row over the patch tokens as the token map (B, grid_h, grid_w)."""
@@ -174,12 +170,12 @@ class TransformerAttribution(_CheferExplainer):
     def __call__(self, x: torch.Tensor, target=None) -> Explanation:
         needed = self.attention_steps[self.start_layer:]
         grad_from = needed[0].index if needed else None
-        output, records, t, prop = self._start(x, target, grad_from)
+        output, t, tape = self._start(x, target, grad_from, grad_from)
         gh, gw = self.grid(x)
         row = torch.zeros(output.shape[0], self.num_prefix() + gh * gw, dtype=x.dtype, device=x.device)
         row[:, 0] = 1.0  # e_cls
         if needed:
-            attns = [a for _, a in sorted(prop.store.pop(ATTENTION), key=lambda item: item[0])]
+            attns = [a for _, a in sorted(tape.handed.pop(ATTENTION), key=lambda item: item[0])]
             try:
                 with torch.enable_grad():
                     grads = torch.autograd.grad(output.gather(1, t[:, None]).sum(), attns)
@@ -187,7 +183,7 @@ class TransformerAttribution(_CheferExplainer):
                 raise TypeError(f"{self.name} takes the attention gradients from the graph of the recording forward "
                                 f"pass, and a rule of the composite above block {self.start_layer} does not keep "
                                 f"that graph; use the rules of lrpkit.rules.chefer (chefer_composite())") from err
-            rel = self._relevances(prop, records, output, t, grad_from)
+            rel = self._relevances(tape, output, t)
             with torch.no_grad():
                 for step, grad in zip(reversed(needed), reversed(grads)):
                     a_bar = (grad * rel[step.index]).clamp_(min=0).mean(1)  # (B, N, N)
@@ -208,8 +204,8 @@ class PartialLRP(_CheferExplainer):
 
     def __call__(self, x: torch.Tensor, target=None) -> Explanation:
         last = self.attention_steps[-1]
-        output, records, t, prop = self._start(x, target, None)
-        rel = self._relevances(prop, records, output, t, last.index)[last.index]
+        output, t, tape = self._start(x, target, last.index)
+        rel = self._relevances(tape, output, t)[last.index]
         row = rel[:, :, 0].clamp(min=0).mean(1)  # (B, N)
         return self._explanation(x, output, t, row)
 

@@ -9,7 +9,9 @@ A rule is defined, as in RelevancePropagation.jl, by what it changes in the laye
     generic rule:  z = layer'(ã);  s = R / z';  c = (∂z/∂ã)ᵀ s;  R_in = ã ⊙ c
 
 Rules that change neither the input nor the parameters reuse the forward pass's values (one autograd
-vector-Jacobian product per layer, no second forward). Rules with a closed form override :meth:`Rule.lrp`.
+vector-Jacobian product per layer, no second forward). Rules with a closed form override :meth:`Rule.prepare`
+(built once per analyzer) and :meth:`Rule.lrp`. What the execution plan may assume about a rule is declared in one
+place, :meth:`Rule.traits`, whose defaults are safe.
 
 References: Bach et al. 2015, "On pixel-wise explanations for non-linear classifier decisions by layer-wise
 relevance propagation"; Montavon et al. 2019, "Layer-wise relevance propagation: an overview";
@@ -24,8 +26,9 @@ import torch
 from torch import nn
 
 from ..layers import Scale
-from ..propagate import Propagation, Record, Step
+from ..propagate import Record, Step
 from ..registry import default_rule
+from ..traits import Traits
 from .vjp import has_input_vjp, vjp
 
 LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -62,7 +65,7 @@ def divide(R: torch.Tensor, z: torch.Tensor, epsilon, gate: torch.Tensor | None 
     on CPU every fresh activation-sized tensor costs page faults that the gradient pass does not pay).
 
     ``gate``: ``relu(z)``, free to overwrite, handed over where ``R`` is known to vanish wherever ``z ≤ 0`` (see
-    :func:`~lrpkit.propagate.mark_relus`); ``z`` is then not read and may be None. Wherever ``R ≠ 0``,
+    :mod:`lrpkit.plan`); ``z`` is then not read and may be None. Wherever ``R ≠ 0``,
     ``stab(z) = z + ε = relu(z) + ε``, so the quotient is ``R / (relu(z) + ε)``: one in-place add instead of a
     ``copysign`` and an add, and the same values (a zero quotient may differ in its sign bit)."""
     if gate is not None:
@@ -111,12 +114,17 @@ def bias_relevance(layer: nn.Module, s: torch.Tensor) -> torch.Tensor | None:
     return (s.flatten(2).sum(2) @ b)
 
 
+PROTOCOL_HOOKS = ("modify_input", "modify_param", "modify_denominator")
+FIXED_METHODS = ("forward", "lrp", "prepare", "traits")
+
+
 class Rule:
     """Base class of all rules; by itself the generic rule with ``ε = self.epsilon`` and no modification.
 
-    Subclasses override ``modify_input``, ``modify_param``, ``modify_denominator`` (generic rules) or ``lrp``
-    (closed forms). ``targets`` are the layer types that :class:`~lrpkit.composites.GlobalMap` assigns the rule
-    to; ``accepts`` says which layers the rule can handle at all.
+    Subclasses override ``modify_input``, ``modify_param``, ``modify_denominator`` (generic rules; also honoured
+    when set on an instance) or ``prepare`` and ``lrp`` (closed forms). ``targets`` are the layer types that
+    :class:`~lrpkit.composites.GlobalMap` assigns the rule to; ``accepts`` says which layers the rule can handle at
+    all. ``traits(layer)`` declares what the execution plan may assume (:class:`~lrpkit.traits.Traits`).
     """
 
     epsilon: float = 1e-9
@@ -133,7 +141,87 @@ class Rule:
     def modify_denominator(self, z: torch.Tensor) -> torch.Tensor:
         return stabilize(z, self.epsilon)
 
-    # -- machinery ------------------------------------------------------------------------------------------
+    def prepare(self, layer: nn.Module):
+        """Built once per analyzer: the layer with modified parameters, or None."""
+        return layer_with_params(layer, self.modify_param) if self.modifies_params else None
+
+    def forward(self, step: Step, x: torch.Tensor, tape) -> Record:
+        """Run the layer in the recording forward pass; keep a graph only where ``lrp`` needs one."""
+        a = x.detach()
+        if not self._keeps_graph(step.layer):
+            with torch.no_grad():
+                return Record(a, step.layer(a))
+        a.requires_grad_(True)
+        with torch.enable_grad():
+            return Record(a, step.layer(a))
+
+    def lrp(self, step: Step, rec: Record, R: torch.Tensor, tape) -> torch.Tensor:
+        """Generic rule: ``z = layer'(ã); s = R / z'; c = (∂z/∂ã)ᵀ s; R_in = ã ⊙ c``."""
+        layer = step.state if step.state is not None else step.layer
+        if self.modifies_input or self.modifies_params:
+            a = self.modify_input(rec.input)
+            with torch.no_grad():
+                z = layer(a)
+        else:
+            a, z = rec.input, rec.output
+            if z is None and rec.gate is None:  # not kept (traits.output False): recompute
+                with torch.no_grad():
+                    z = layer(a)
+        if self.modifies_denominator:
+            s = R / self.modify_denominator(z.detach())
+        else:
+            s = divide(R, z, self.epsilon, rec.gate)
+        sink = bias_relevance(layer, s)
+        if sink is not None:
+            rec.absorbed["bias"] = sink
+        return times_input(vjp(layer, a, s, z), a)
+
+    def traits(self, layer: nn.Module) -> Traits:
+        """What the execution plan may assume about this rule on ``layer`` (:class:`~lrpkit.traits.Traits`). The
+        generic rule: it reuses the recorded output unless it modifies the input or the parameters (an
+        element-wise :class:`~lrpkit.layers.Scale` is cheaper to recompute than to keep); its input may be
+        recomputed; ``R_in = a ⊙ c`` vanishes with an unmodified input; with the default denominator on a layer
+        whose VJP needs only its weights it can take the gate. A rule that overrides ``lrp`` or ``forward`` gets
+        the safe defaults for what those decide."""
+        generic_lrp, generic_forward = self._inherits("lrp", Rule), self._inherits("forward", Rule)
+        modifies = self.modifies_input or self.modifies_params
+        return Traits(
+            graph=generic_forward and self._keeps_graph(layer),
+            output=not (modifies or isinstance(layer, Scale)),
+            lazy_input=generic_lrp and generic_forward and not self._keeps_graph(layer),
+            output_recomputable=isinstance(layer, Scale),
+            vanishes_with_input=generic_lrp and not self.modifies_input,
+            output_in_record_only=generic_forward,
+            uses_gate=generic_lrp and not (modifies or self.modifies_denominator) and has_input_vjp(layer))
+
+    # -- what the rule is ------------------------------------------------------------------------------------
+    @property
+    def modifies_input(self) -> bool:
+        return not self._inherits("modify_input", Rule)
+
+    @property
+    def modifies_params(self) -> bool:
+        return not self._inherits("modify_param", Rule)
+
+    @property
+    def modifies_denominator(self) -> bool:
+        return not self._inherits("modify_denominator", Rule)
+
+    def _inherits(self, name: str, base: type) -> bool:
+        """Whether method ``name`` is ``base``'s own: not overridden by a subclass, nor set on the instance."""
+        return name not in vars(self) and getattr(type(self), name) is getattr(base, name)
+
+    def _keeps_graph(self, layer: nn.Module) -> bool:
+        # only the generic rule on a layer that is not linear in its input (e.g. pooling), unmodified
+        return self._inherits("lrp", Rule) and not (self.modifies_input or self.modifies_params or
+                                                    has_input_vjp(layer))
+
+    def __setattr__(self, name, value) -> None:
+        if name in FIXED_METHODS and callable(value):
+            raise TypeError(f"{type(self).__name__}.{name} cannot be replaced on an instance (the analyzer plans "
+                            f"around the class's method); define a subclass that overrides {name}")
+        super().__setattr__(name, value)
+
     def accepts(self, layer: nn.Module) -> bool:
         """Whether the rule can handle ``layer``: a type in ``accepted``, or a (custom) layer type whose registered
         default rule (:func:`lrpkit.register_rule`) is of this rule's class."""
@@ -145,92 +233,6 @@ class Rule:
             raise IncompatibleRuleError(
                 f"{self!r} cannot handle a {type(layer).__name__} layer "
                 f"(it handles {', '.join(sorted({t.__name__ for t in self.accepted}))})")
-
-    @property
-    def modifies_input(self) -> bool:
-        return type(self).modify_input is not Rule.modify_input
-
-    @property
-    def modifies_params(self) -> bool:
-        return type(self).modify_param is not Rule.modify_param
-
-    def prepare(self, layer: nn.Module):
-        """Built once per analyzer: the layer with modified parameters, or None."""
-        return layer_with_params(layer, self.modify_param) if self.modifies_params else None
-
-    def uses_graph(self, layer: nn.Module) -> bool:
-        """Whether the forward pass keeps an autograd graph for ``lrp`` (only the generic rule on a layer that is
-        not linear in its input, e.g. pooling, with neither input nor parameters modified)."""
-        return not (self.modifies_input or self.modifies_params or has_input_vjp(layer))
-
-    def needs_output(self, layer: nn.Module) -> bool:
-        """Whether ``lrp`` reads the recorded output (the generic rule's denominator, unless it recomputes it;
-        an element-wise :class:`~lrpkit.layers.Scale` is cheaper to recompute than to keep)."""
-        return not (self.modifies_input or self.modifies_params or isinstance(layer, Scale))
-
-    def allows_lazy_input(self, layer: nn.Module) -> bool:
-        """Whether the recorded input may be recomputed in the backward pass (see :class:`Record`)."""
-        generic = type(self).forward is Rule.forward and type(self).lrp is Rule.lrp
-        return generic and not self.uses_graph(layer)
-
-    def output_recomputable(self, layer: nn.Module) -> bool:
-        """Whether the layer's output is cheap to recompute from its recorded input (element-wise layers)."""
-        return isinstance(layer, Scale)
-
-    def forward(self, step: Step, x: torch.Tensor, prop: Propagation) -> Record:
-        """Run the layer in the recording forward pass; keep a graph only where ``lrp`` needs one."""
-        a = x.detach()
-        if not self.uses_graph(step.layer):
-            with torch.no_grad():
-                return Record(a, step.layer(a))
-        a.requires_grad_(True)
-        with torch.enable_grad():
-            return Record(a, step.layer(a))
-
-    def lrp(self, step: Step, rec: Record, R: torch.Tensor, prop: Propagation) -> torch.Tensor:
-        """Generic rule: ``z = layer'(ã); s = R / z'; c = (∂z/∂ã)ᵀ s; R_in = ã ⊙ c``."""
-        layer = step.state if step.state is not None else step.layer
-        gate = rec.extras.get("gate") if self.uses_gate(step.layer) else None  # relu(z), see mark_relus
-        if self.modifies_input or self.modifies_params:
-            a = self.modify_input(rec.input)
-            with torch.no_grad():
-                z = layer(a)
-        else:
-            a, z = rec.input, rec.output
-            if z is None and gate is None:  # not kept (see needs_output): recompute
-                with torch.no_grad():
-                    z = layer(a)
-        if type(self).modify_denominator is Rule.modify_denominator:
-            s = divide(R, z, self.epsilon, gate)
-        else:
-            s = R / self.modify_denominator(z.detach())
-        sink = bias_relevance(layer, s)
-        if sink is not None:
-            rec.absorbed["bias"] = sink
-        return times_input(vjp(layer, a, s, z), a)
-
-    def vanishes_with_input(self, step: Step) -> bool:
-        """Whether ``lrp`` returns zero relevance wherever the layer's input is zero: the generic rule on an
-        unmodified input, ``R_in = a ⊙ c``. Lets the layer two below a ReLU use the cheaper stabiliser (see
-        :func:`~lrpkit.propagate.mark_relus`); False is always safe."""
-        return type(self).lrp is Rule.lrp and not self.modifies_input
-
-    def output_in_record_only(self, layer: nn.Module) -> bool:
-        """Whether ``forward`` leaves the layer's output nowhere but in ``Record.output``, so that, once the output
-        is dropped, the recording pass may apply the ReLU above in place (:func:`~lrpkit.propagate.mark_relus`).
-        A rule with its own ``forward`` says so explicitly; False is always safe."""
-        return type(self).forward is Rule.forward
-
-    def uses_gate(self, layer: nn.Module) -> bool:
-        """Whether ``lrp`` takes its denominator from a gate ``relu(z)`` when the backward loop hands it one, and
-        then reads nothing of the recorded output (:func:`~lrpkit.propagate.mark_relus`): the generic rule with
-        the default denominator on a layer whose VJP needs only its weights."""
-        return type(self).lrp is Rule.lrp and type(self).modify_denominator is Rule.modify_denominator and \
-            not (self.modifies_input or self.modifies_params) and has_input_vjp(layer)
-
-    def remainder_category(self, layer: nn.Module) -> str:
-        """Where the relevance a layer loses beyond its explicit sinks is reported in the accounting."""
-        return "stabilizer"
 
     def __repr__(self) -> str:
         fields = ", ".join(f"{k}={v!r}" for k, v in vars(self).items() if not k.startswith("_"))

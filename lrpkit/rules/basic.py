@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..layers import LayerNormalize, PatchFlatten, Scale
-from ..propagate import Propagation, Record, Step
+from ..propagate import Record, Step
+from ..traits import Traits
 from .base import ACTIVATION_TYPES, LINEAR_TYPES, NORM_TYPES, RESHAPE_TYPES, Rule, divide, stabilize
 from .terms import Group, Term, TermRule, neg, no_bias, pos, same
 from .vjp import has_input_vjp, input_vjp
@@ -83,9 +84,9 @@ class FlatRule(_UnitInputRule):
             return _SingleChannel(layer)
         return super().prepare(layer)
 
-    def lrp(self, step, rec, R, prop):
+    def lrp(self, step, rec, R, tape):
         if not isinstance(step.state, _SingleChannel):
-            return super().lrp(step, rec, R, prop)
+            return super().lrp(step, rec, R, tape)
         return step.state.flat(rec.input.shape, R, self.epsilon)
 
 
@@ -122,31 +123,26 @@ class PassRule(Rule):
     """
 
     targets = ()
-    moves_only = True  # R_in is R reshaped: the accounting need not sum it again
     accepted = ACTIVATION_TYPES + RESHAPE_TYPES + NORM_TYPES + (torch.nn.Identity, torch.nn.Dropout, LayerNormalize,
                                                                 Scale, PatchFlatten)  # element-count preserving
 
     def __init__(self):
         pass
 
-    def forward(self, step: Step, x: torch.Tensor, prop: Propagation) -> Record:
+    def forward(self, step: Step, x: torch.Tensor, tape) -> Record:
         with torch.no_grad():
             return Record(x.detach(), step.layer(x.detach()))
 
-    def needs_output(self, layer) -> bool:
-        return False
-
-    def allows_lazy_input(self, layer) -> bool:
-        return True
-
-    def output_recomputable(self, layer) -> bool:
-        return isinstance(layer, ACTIVATION_TYPES)
-
-    def lrp(self, step, rec, R, prop):
+    def lrp(self, step, rec, R, tape):
         if R.numel() != rec.input.numel():
-            raise ValueError(f"PassRule needs a layer that keeps the number of elements; "
+            raise ValueError(f"{type(self).__name__} needs a layer that keeps the number of elements; "
                              f"{type(step.layer).__name__} maps {tuple(rec.input.shape)} to {tuple(R.shape)}")
         return R.reshape(rec.input.shape)
+
+    def traits(self, layer) -> Traits:
+        # R_in is R reshaped: reads neither output nor input values; an activation's output is cheap to recompute
+        return Traits(output=False, lazy_input=True, output_recomputable=isinstance(layer, ACTIVATION_TYPES),
+                      moves_only=True)
 
 
 class ZPlusRule(TermRule):

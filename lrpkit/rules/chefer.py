@@ -13,7 +13,7 @@ Notation as in :mod:`lrpkit.rules.basic`; ``t⁺ = max(t, 0)``; ``sdiv(a, b) = a
   ``R_in = R``.
 - :class:`CheferAttentionRule`: both attention products (``q kᵀ`` and ``A v``) split by gradient × input between
   their two factors, each half; the softmax and the qk-norms pass relevance unchanged. It hands out the
-  relevance of the attention probabilities of each block in ``prop.store[ATTENTION_RELEVANCE]``.
+  relevance of the attention probabilities of each block under :data:`ATTENTION_RELEVANCE`.
 - :class:`CheferSkipConnectionRule` / :class:`CheferSumRule`: gradient × input split of a sum, then both (all)
   branches rescaled so that branch ``k`` holds ``|Σ a_k| / Σ_k' |Σ a_k'| · Σ R``.
 - :class:`CheferPositionalEmbeddingRule`: ``x + e`` treated as such a sum of two operands; the embedding's
@@ -22,13 +22,13 @@ Notation as in :mod:`lrpkit.rules.basic`; ``t⁺ = max(t, 0)``; ``sdiv(a, b) = a
   :mod:`lrpkit.rules.transformer`.
 
 All rules here (except the two below the attention blocks, z^B and the convolution rule) keep the autograd graph
-of the forward pass through the chain when their input carries one: :class:`CheferAttentionRule` starts such a
-graph at the input of every attention step whose index is at least ``prop.store[GRAD_FROM]`` (and records the
-attention probabilities in ``prop.store[ATTENTION]``), so that :class:`lrpkit.methods.chefer.TransformerAttribution`
-gets ``∂y_t/∂A_b`` from the recording forward pass with one backward pass and no second forward pass. Without that
-flag (plain :class:`lrpkit.LRP` use) no graph is built. ``prop.store[STOP_AT] = index`` makes the attention rule at
-that step raise :class:`StopPropagation` right after it recorded the attention relevance: the explainers that need
-nothing below that block stop the reverse loop there.
+of the forward pass through the chain when their input carries one. A :class:`~lrpkit.tape.Tape` with
+``graph_from=k`` starts that graph at the input of layer ``k``; every attention step above it then hands out its
+attention probabilities in the graph (key :data:`ATTENTION`), so that :class:`lrpkit.methods.chefer.
+TransformerAttribution` gets ``∂y_t/∂A_b`` from the recording forward pass with one backward pass and no second
+forward pass. Without it (plain :class:`lrpkit.LRP` use) no graph is built. Every attention step hands out the
+relevance of its attention probabilities (key :data:`ATTENTION_RELEVANCE`); where the tape stops after it
+(``stop_after``), it computes nothing below.
 
 Reference code: hila-chefer/Transformer-Explainability (``modules/layers_ours.py``, ``baselines/ViT/ViT_LRP.py``).
 Differences: everything is per sample (the reference sums over the whole batch, which it only runs at batch 1);
@@ -38,33 +38,30 @@ so the positional-embedding rule sums over the patch tokens only.
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..layers import LayerNormalize, PositionalEmbedding, Scale, SelfAttention
-from ..propagate import Propagation, Record, Step, per_sample
+from ..propagate import Record, Step, per_sample
+from ..traits import Traits
 from .base import ACTIVATION_TYPES, RESHAPE_TYPES, IncompatibleRuleError, Rule
-from .basic import ZBoxRule
+from .basic import PassRule, ZBoxRule
 from .structural import SkipConnectionRule, SumRule
 from .terms import Group, Term, TermRule, neg, no_bias, pos, same
-from .transformer import SelectClassTokenRule, SelfAttentionRule, TokenMeanRule
+from .transformer import SelectClassTokenRule, TokenMeanRule
 
 SAFE_EPS = 1e-9
 
-#: ``prop.store`` key: list of ``(step.index, R_A)``, the relevance of the attention probabilities
-#: (B, heads, N, N) of each block, in the order the reverse loop reaches them (sort by index for block order).
+#: Hand-out key (:meth:`lrpkit.tape.Tape.hand_out`, in ``Explanation.extras`` for :class:`lrpkit.LRP`): list of
+#: ``(step.index, R_A)``, the relevance of the attention probabilities (B, heads, N, N) of each block, in the order
+#: the reverse loop reaches them (sort by index for block order).
 ATTENTION_RELEVANCE = "chefer_attention_relevance"
-#: ``prop.store`` key (set only when ``GRAD_FROM`` is set): list of ``(step.index, A)`` with ``A`` in the graph.
+#: Hand-out key: list of ``(step.index, A)`` with ``A`` in the recording pass's autograd graph (attention steps at or
+#: above the tape's ``graph_from``).
 ATTENTION = "chefer_attention"
-#: ``prop.store`` flag: attention steps with ``index >= GRAD_FROM`` keep their attention in an autograd graph.
-GRAD_FROM = "chefer_grad_from"
-#: ``prop.store`` flag: the attention step at whose attention relevance the reverse loop stops.
-STOP_AT = "chefer_stop_at"
-
-
-class StopPropagation(Exception):
-    """Raised by :class:`CheferAttentionRule` at the step ``prop.store[STOP_AT]``: nothing below is needed."""
 
 
 def safe_divide(a: torch.Tensor, b: torch.Tensor, eps: float = SAFE_EPS) -> torch.Tensor:
@@ -94,7 +91,7 @@ class _GraphForward:
     """Forward that keeps the autograd graph of its input (if it has one): ``Record(x.detach(), layer(x))``.
     The next layer receives the graph-connected output; ``lrp`` works on detached values."""
 
-    def forward(self, step: Step, x: torch.Tensor, prop: Propagation) -> Record:
+    def forward(self, step: Step, x: torch.Tensor, tape) -> Record:
         return Record(x.detach(), step.layer(x))
 
 
@@ -121,13 +118,13 @@ class CheferLinearRule(Rule):
     def prepare(self, layer: nn.Linear) -> torch.Tensor:
         return layer.weight.detach().abs().contiguous()  # |W|, built once per analyzer
 
-    def forward(self, step: Step, x: torch.Tensor, prop: Propagation) -> Record:
+    def forward(self, step: Step, x: torch.Tensor, tape) -> Record:
         layer = step.layer
         zn = F.linear(x, layer.weight)
         out = zn if layer.bias is None else zn + layer.bias
         return Record(x.detach(), out, extras={"zn": zn.detach()})
 
-    def lrp(self, step: Step, rec: Record, R: torch.Tensor, prop: Propagation) -> torch.Tensor:
+    def lrp(self, step: Step, rec: Record, R: torch.Tensor, tape) -> torch.Tensor:
         w, w_abs = step.layer.weight, step.state
         with torch.no_grad():
             x = rec.input.reshape(-1, w.shape[1])
@@ -153,8 +150,8 @@ class CheferLinearRule(Rule):
         s = (r / z2).masked_fill_(z2 <= 2 * self.epsilon, 0)
         return (s @ w).mul_(x).addcmul_(x_abs, s @ w_abs)
 
-    def remainder_category(self, layer) -> str:
-        return "stabilizer"
+    def traits(self, layer) -> Traits:
+        return Traits(output=False)  # lrp reads the input and a W from the record's extras
 
 
 class CheferZPlusRule(TermRule):
@@ -197,35 +194,26 @@ class CheferZBoxRule(ZBoxRule):
                        Term(self._input_bound("low"), no_bias(pos), -1.0),
                        Term(self._input_bound("high"), no_bias(neg), -1.0))),)
 
-    def remainder_category(self, layer) -> str:
-        return "stabilizer"
+    def traits(self, layer) -> Traits:
+        return replace(super().traits(layer), remainder="stabilizer")  # the bias is ignored, not absorbed
 
 
 # -- element-wise, token and structural layers ------------------------------------------------------------------
-class CheferPassRule(_GraphForward, Rule):
+class CheferPassRule(_GraphForward, PassRule):
     """``R_in = R``: Chefer et al.'s rule for LayerNorm (lrpkit's ``LayerNormalize`` and its affine ``Scale``, also
-    LayerScale), GELU and the other activations, dropout and identity. Conserves exactly."""
+    LayerScale), GELU and the other activations, dropout and identity. :class:`~lrpkit.rules.PassRule` that keeps
+    the forward graph. Conserves exactly."""
 
-    targets = ()
     accepted = (LayerNormalize, Scale, nn.LayerNorm, nn.Dropout, nn.Identity) + ACTIVATION_TYPES + RESHAPE_TYPES
-
-    def __init__(self):
-        pass
-
-    def lrp(self, step, rec, R, prop):
-        if R.numel() != rec.input.numel():
-            raise ValueError(f"CheferPassRule needs a layer that keeps the number of elements; "
-                             f"{type(step.layer).__name__} maps {tuple(rec.input.shape)} to {tuple(R.shape)}")
-        return R.reshape(rec.input.shape)
 
 
 class CheferSelectTokenRule(_GraphForward, SelectClassTokenRule):
     """``y = x[:, i]``: ``R_in[:, i] = R``, zero elsewhere (the reference's ``IndexSelect``: gradient × input, exact).
     Keeps the forward graph."""
 
-    def lrp(self, step, rec, R, prop):
+    def lrp(self, step, rec, R, tape):
         with torch.no_grad():
-            return super().lrp(step, rec, R, prop)
+            return super().lrp(step, rec, R, tape)
 
 
 class CheferTokenMeanRule(_GraphForward, TokenMeanRule):
@@ -235,10 +223,10 @@ class CheferTokenMeanRule(_GraphForward, TokenMeanRule):
     def __init__(self, epsilon: float = SAFE_EPS):
         self.epsilon = epsilon
 
-    def lrp(self, step, rec, R, prop):
+    def lrp(self, step, rec, R, tape):
         rec = Record(rec.input, rec.output.detach(), rec.extras, rec.absorbed)
         with torch.no_grad():
-            return super().lrp(step, rec, R, prop)
+            return super().lrp(step, rec, R, tape)
 
 
 class CheferPositionalEmbeddingRule(_GraphForward, Rule):
@@ -252,7 +240,7 @@ class CheferPositionalEmbeddingRule(_GraphForward, Rule):
     def __init__(self):
         pass
 
-    def lrp(self, step, rec, R, prop):
+    def lrp(self, step, rec, R, tape):
         with torch.no_grad():
             y = rec.output.detach()
             s = safe_divide(R, y)
@@ -267,18 +255,16 @@ class CheferSkipConnectionRule(SkipConnectionRule):
     ``|Σa| / (|Σa| + |Σf|) · ΣR`` and ``|Σf| / (|Σa| + |Σf|) · ΣR`` (per sample); the ``f`` share is propagated
     through ``f``, the result added to the ``a`` share. Conserves exactly at the split. Keeps the forward graph."""
 
+    keeps_graph = True
+
     def __init__(self, epsilon: float = SAFE_EPS):
         self.epsilon = epsilon
 
-    def forward(self, step: Step, x: torch.Tensor, prop: Propagation) -> Record:
-        out, records = prop.forward(step.children[0], x)
-        return Record(x.detach(), x + out, extras={"summands": [x.detach(), out.detach()], "records": [records]})
-
-    def lrp(self, step: Step, rec: Record, R: torch.Tensor, prop: Propagation) -> torch.Tensor:
+    def lrp(self, step: Step, rec: Record, R: torch.Tensor, tape) -> torch.Tensor:
         with torch.no_grad():
             s = safe_divide(R, rec.output.detach(), self.epsilon)
             a, f = rescaled_split([summand * s for summand in rec.extras["summands"]], R)
-        return a + prop.backward(step.children[0], rec.extras["records"][0], f)
+        return a + tape.backward(step.children[0], f)
 
 
 class CheferSumRule(SumRule):
@@ -286,24 +272,18 @@ class CheferSumRule(SumRule):
     ``f_k ⊙ sdiv(R, y)`` rescaled to sums ``|Σ f_k| / Σ_k' |Σ f_k'| · ΣR`` (:func:`rescaled_split`), each propagated
     through its branch. Keeps the forward graph."""
 
+    keeps_graph = True
+
     def __init__(self, epsilon: float = SAFE_EPS):
         self.epsilon = epsilon
 
-    def forward(self, step: Step, x: torch.Tensor, prop: Propagation) -> Record:
-        outs, records = [], []
-        for branch in step.children:
-            out, recs = prop.forward(branch, x)
-            outs.append(out)
-            records.append(recs)
-        return Record(x.detach(), sum(outs), extras={"summands": [o.detach() for o in outs], "records": records})
-
-    def lrp(self, step: Step, rec: Record, R: torch.Tensor, prop: Propagation) -> torch.Tensor:
+    def lrp(self, step: Step, rec: Record, R: torch.Tensor, tape) -> torch.Tensor:
         with torch.no_grad():
             s = safe_divide(R, rec.output.detach(), self.epsilon)
             shares = rescaled_split([summand * s for summand in rec.extras["summands"]], R)
         R_in = torch.zeros_like(rec.input)
-        for branch, recs, share in zip(step.children, rec.extras["records"], shares):
-            R_in = R_in + prop.backward(branch, recs, share)
+        for branch, share in zip(step.children, shares):
+            R_in = R_in + tape.backward(branch, share)
         return R_in
 
 
@@ -320,8 +300,8 @@ def product_split(x: torch.Tensor, y: torch.Tensor, R: torch.Tensor, z: torch.Te
     return x * gx / 2, y * gy / 2
 
 
-class CheferAttentionRule(SelfAttentionRule):
-    """Chefer et al.'s relevance through :class:`~lrpkit.layers.SelfAttention` (mode ``"chefer"``), per head:
+class CheferAttentionRule(Rule):
+    """Chefer et al.'s relevance through :class:`~lrpkit.layers.SelfAttention`, per head:
 
     - output projection: ``linear_rule`` (α1β0, bias ignored) gives ``R_y`` for ``y = A v``;
     - ``A v``: ``s = sdiv(R_y, y)``; ``R_A = A ⊙ (s vᵀ) / 2``, ``R_v = v ⊙ (Aᵀ s) / 2``;
@@ -330,11 +310,14 @@ class CheferAttentionRule(SelfAttentionRule):
       (LayerNorm) pass;
     - ``[R_q, R_k, R_v]`` through the qkv projection with ``linear_rule``.
 
-    ``R_A`` (B, heads, N, N), the relevance of the attention probabilities, is appended as ``(step.index, R_A)``
-    to ``prop.store[ATTENTION_RELEVANCE]`` (→ ``Explanation.extras``). Conserves at both products; the projections
-    conserve as :class:`CheferLinearRule` does.
+    ``R_A`` (B, heads, N, N), the relevance of the attention probabilities, is handed out as ``(step.index, R_A)``
+    under :data:`ATTENTION_RELEVANCE` (→ ``Explanation.extras``); where the tape stops after this step, nothing
+    below ``R_A`` is computed. The recording pass keeps the graph of its input (if it has one) and then hands out
+    the attention probabilities under :data:`ATTENTION`. Conserves at both products; the projections conserve as
+    :class:`CheferLinearRule` does.
     """
 
+    targets = ()
     accepted = (SelfAttention,)
 
     def __init__(self, linear_rule: CheferLinearRule | None = None, epsilon: float = SAFE_EPS):
@@ -342,10 +325,10 @@ class CheferAttentionRule(SelfAttentionRule):
         if not isinstance(linear_rule, CheferLinearRule):
             raise TypeError(f"CheferAttentionRule needs a CheferLinearRule for its projections (it keeps the "
                             f"forward graph for the attention gradients), got {linear_rule!r}")
-        self.linear_rule, self.mode, self.epsilon = linear_rule, "chefer", epsilon
+        self.linear_rule, self.epsilon = linear_rule, epsilon
 
     def check(self, layer):
-        Rule.check(self, layer)
+        super().check(layer)
         for norm in (layer.q_norm, layer.k_norm):
             if not isinstance(norm, (nn.Identity, nn.LayerNorm)):
                 raise IncompatibleRuleError(f"CheferAttentionRule passes relevance through LayerNorm qk-norms; "
@@ -361,49 +344,42 @@ class CheferAttentionRule(SelfAttentionRule):
             s.state = self.linear_rule.prepare(s.layer)
         return sub
 
-    def forward(self, step: Step, x: torch.Tensor, prop: Propagation) -> Record:
-        layer, sub, store = step.layer, step.state, prop.store
-        grad_from = store.get(GRAD_FROM)
-        keep = grad_from is not None and step.index >= grad_from
-        if keep and not x.requires_grad:
-            x = x.detach().requires_grad_(True)  # the root of the graph for ∂y/∂A
-        qkv = self.linear_rule.forward(sub["qkv"], x, prop)
+    def forward(self, step: Step, x: torch.Tensor, tape) -> Record:
+        layer, sub = step.layer, step.state
+        qkv = self.linear_rule.forward(sub["qkv"], x, tape)
         q, k, v = (layer.split_heads(t) for t in qkv.output.chunk(3, dim=-1))
         qn, kn = layer.q_norm(q), layer.k_norm(k)
         dots = qn @ kn.transpose(-2, -1)
         attn = (dots * layer.scale).softmax(-1)
         y = attn @ v
-        out = self.linear_rule.forward(sub["proj"], layer.merge_heads(y), prop)
-        if keep:
-            store.setdefault(ATTENTION, []).append((step.index, attn))
+        out = self.linear_rule.forward(sub["proj"], layer.merge_heads(y), tape)
+        if attn.requires_grad:
+            tape.hand_out(step, ATTENTION, attn)
         extras = {"qkv": qkv, "out": out, "qn": qn.detach(), "kn": kn.detach(), "v": v.detach(),
                   "attn": attn.detach(), "dots": dots.detach(), "y": y.detach()}
         return Record(x.detach(), out.output, extras=extras)
 
-    def lrp(self, step: Step, rec: Record, R: torch.Tensor, prop: Propagation) -> torch.Tensor:
+    def lrp(self, step: Step, rec: Record, R: torch.Tensor, tape) -> torch.Tensor | None:
         layer, sub, e, eps = step.layer, step.state, rec.extras, self.epsilon
-        R_y = layer.split_heads(self.linear_rule.lrp(sub["proj"], e["out"], R, prop))
+        R_y = layer.split_heads(self.linear_rule.lrp(sub["proj"], e["out"], R, tape))
         with torch.no_grad():
             attn, v, qn, kn = e["attn"], e["v"], e["qn"], e["kn"]
             s = safe_divide(R_y * 0.5, e["y"], eps)  # the halves folded into s
             R_attn = (s @ v.transpose(-2, -1)).mul_(attn)
-            prop.store.setdefault(ATTENTION_RELEVANCE, []).append((step.index, R_attn))
-            if prop.store.get(STOP_AT) == step.index:
-                raise StopPropagation(step.index)
+            tape.hand_out(step, ATTENTION_RELEVANCE, R_attn)
+            if not tape.needed(step):
+                return None
             R_v = (attn.transpose(-2, -1) @ s).mul_(v)
             s2 = safe_divide(R_attn, e["dots"], eps)
             R_q = (s2 @ kn).mul_(qn).mul_(0.5)
             R_k = (s2.transpose(-2, -1) @ qn).mul_(kn).mul_(0.5)
             R_qkv = torch.cat([layer.merge_heads(t) for t in (R_q, R_k, R_v)], dim=-1)
-        return self.linear_rule.lrp(sub["qkv"], e["qkv"], R_qkv, prop)
-
-    def remainder_category(self, layer) -> str:
-        return "stabilizer"
+        return self.linear_rule.lrp(sub["qkv"], e["qkv"], R_qkv, tape)
 
 
 __all__ = [
-    "ATTENTION", "ATTENTION_RELEVANCE", "GRAD_FROM", "STOP_AT", "CheferAttentionRule", "CheferLinearRule",
+    "ATTENTION", "ATTENTION_RELEVANCE", "CheferAttentionRule", "CheferLinearRule",
     "CheferPassRule", "CheferPositionalEmbeddingRule", "CheferSelectTokenRule", "CheferSkipConnectionRule",
-    "CheferSumRule", "CheferTokenMeanRule", "CheferZBoxRule", "CheferZPlusRule", "StopPropagation", "product_split",
+    "CheferSumRule", "CheferTokenMeanRule", "CheferZBoxRule", "CheferZPlusRule", "product_split",
     "rescaled_split", "safe_divide",
 ]

@@ -18,7 +18,8 @@ from typing import Callable, NamedTuple
 
 import torch
 
-from ..propagate import Propagation, Record, Step
+from ..propagate import Record, Step
+from ..traits import Traits
 from .base import LINEAR_TYPES, Rule, divide, layer_with_params, times_input
 from .vjp import vjp
 
@@ -87,15 +88,19 @@ class TermRule(Rule):
                     cache[term.param] = layer_with_params(layer, term.param)
         return cache
 
-    def forward(self, step: Step, x: torch.Tensor, prop: Propagation) -> Record:
+    def forward(self, step: Step, x: torch.Tensor, tape) -> Record:
         with torch.no_grad():
             return Record(x.detach(), step.layer(x.detach()))
 
-    def needs_output(self, layer) -> bool:
-        return any(group.mask is not None for group in self._groups())
-
-    def allows_lazy_input(self, layer) -> bool:
-        return type(self).forward is TermRule.forward and type(self).lrp is TermRule.lrp
+    def traits(self, layer) -> Traits:
+        # the output is read only by group masks; every term multiplies its input by a function of a that is zero
+        # where a is (a, a⁺, a⁻), so R_in vanishes with the input
+        own_lrp, own_forward = self._inherits("lrp", TermRule), self._inherits("forward", TermRule)
+        return Traits(output=any(group.mask is not None for group in self._groups()),
+                      lazy_input=own_lrp and own_forward, output_in_record_only=own_forward,
+                      vanishes_with_input=own_lrp and all(term.input in (pos, neg, same) for group in self._groups()
+                                                          for term in group.terms),
+                      remainder="bias" if getattr(layer, "bias", None) is not None else "stabilizer")
 
     @staticmethod
     def _term_input(fn, x: torch.Tensor, nonneg: bool) -> torch.Tensor | None:
@@ -108,7 +113,7 @@ class TermRule(Rule):
         a = fn(x)
         return a if bool(a.any()) else None
 
-    def lrp(self, step: Step, rec: Record, R: torch.Tensor, prop: Propagation) -> torch.Tensor:
+    def lrp(self, step: Step, rec: Record, R: torch.Tensor, tape) -> torch.Tensor:
         # every tensor built here is fresh, so the sums and products are accumulated in place
         x, R_in = rec.input, None
         nonneg = bool(x.min() >= 0)
@@ -145,14 +150,3 @@ class TermRule(Rule):
                 else:
                     R_in.add_(c, alpha=sign)
         return R_in if R_in is not None else torch.zeros_like(x)
-
-    def output_in_record_only(self, layer) -> bool:
-        return type(self).forward is TermRule.forward
-
-    def vanishes_with_input(self, step) -> bool:
-        # every term multiplies its input by a function of a that is zero where a is (a, a⁺, a⁻): R_in too
-        return type(self).lrp is TermRule.lrp and all(
-            term.input in (pos, neg, same) for group in self._groups() for term in group.terms)
-
-    def remainder_category(self, layer) -> str:
-        return "bias" if getattr(layer, "bias", None) is not None else "stabilizer"

@@ -13,7 +13,8 @@ from torch import nn
 
 from ..layers import (ClassToken, LayerNormalize, PatchFlatten, PositionalEmbedding, SelectClassToken,
                       SelfAttention, TokenMean)
-from ..propagate import Propagation, Record, Step, per_sample
+from ..propagate import Record, Step, per_sample
+from ..traits import Traits
 from .base import IncompatibleRuleError, Rule, divide, stabilize
 from .basic import EpsilonRule
 
@@ -23,7 +24,7 @@ class _ClosedFormRule(Rule):
 
     targets = ()
 
-    def forward(self, step: Step, x: torch.Tensor, prop: Propagation) -> Record:
+    def forward(self, step: Step, x: torch.Tensor, tape) -> Record:
         with torch.no_grad():
             return Record(x.detach(), step.layer(x.detach()))
 
@@ -33,7 +34,7 @@ class PatchFlattenRule(_ClosedFormRule):
 
     accepted = (PatchFlatten,)
 
-    def lrp(self, step, rec, R, prop):
+    def lrp(self, step, rec, R, tape):
         return R.transpose(1, 2).reshape(rec.input.shape)
 
 
@@ -45,7 +46,7 @@ class ClassTokenRule(_ClosedFormRule):
     accepted = (ClassToken,)
     _keys = {"class": "class_token", "distillation": "distillation_token", "register": "register_tokens"}
 
-    def lrp(self, step, rec, R, prop):
+    def lrp(self, step, rec, R, tape):
         layer = step.layer
         for i, kind in enumerate(layer.kinds):
             key = self._keys[kind]
@@ -62,7 +63,7 @@ class PositionalEmbeddingRule(_ClosedFormRule):
     def __init__(self, epsilon: float = 1e-6):
         self.epsilon = epsilon
 
-    def lrp(self, step, rec, R, prop):
+    def lrp(self, step, rec, R, tape):
         s = divide(R, rec.output, self.epsilon)
         rec.absorbed["positional_embedding"] = per_sample((rec.output - rec.input) * s)
         return rec.input * s
@@ -73,7 +74,7 @@ class SelectClassTokenRule(_ClosedFormRule):
 
     accepted = (SelectClassToken,)
 
-    def lrp(self, step, rec, R, prop):
+    def lrp(self, step, rec, R, tape):
         R_in = torch.zeros_like(rec.input)
         R_in[:, step.layer.index] = R
         return R_in
@@ -88,7 +89,7 @@ class TokenMeanRule(_ClosedFormRule):
     def __init__(self, epsilon: float = 1e-6):
         self.epsilon = epsilon
 
-    def lrp(self, step, rec, R, prop):
+    def lrp(self, step, rec, R, tape):
         start = step.layer.start
         tokens = rec.input[:, start:]
         s = divide(R, rec.output, self.epsilon)
@@ -106,13 +107,12 @@ class LayerNormRule(_ClosedFormRule):
     def __init__(self, epsilon: float = 1e-6):
         self.epsilon = epsilon
 
-    def needs_output(self, layer) -> bool:
-        return False  # y is recomputed from x: cheaper than keeping it
+    def traits(self, layer) -> Traits:
+        # y is recomputed from x (cheaper than keeping it), so the next layer (the affine Scale) need not keep
+        # its input either
+        return Traits(output=False, output_recomputable=True)
 
-    def output_recomputable(self, layer) -> bool:
-        return True  # so the next layer (the affine Scale) need not keep its input either
-
-    def lrp(self, step, rec, R, prop):
+    def lrp(self, step, rec, R, tape):
         x = rec.input
         sigma = step.layer.sigma(x)
         y = (x - x.mean(-1, keepdim=True)) / sigma
@@ -193,11 +193,11 @@ class SelfAttentionRule(Rule):
         return sub
 
     # -- forward ------------------------------------------------------------------------------------------
-    def forward(self, step: Step, x: torch.Tensor, prop: Propagation) -> Record:
+    def forward(self, step: Step, x: torch.Tensor, tape) -> Record:
         layer, sub = step.layer, step.state
         x = x.detach()
         if self.mode == "cp":
-            v_rec = self.value_rule.forward(sub["value"], x, prop)
+            v_rec = self.value_rule.forward(sub["value"], x, tape)
             with torch.no_grad():
                 q, k = sub["qk"](x).chunk(2, dim=-1)
                 q, k = layer.q_norm(layer.split_heads(q)), layer.k_norm(layer.split_heads(k))
@@ -206,7 +206,7 @@ class SelfAttentionRule(Rule):
                 y = attn @ v
             extras = {"value": v_rec, "attn": attn, "v": v}  # y: a view of the out projection's input
         else:
-            v_rec = self.value_rule.forward(sub["value"], x, prop)
+            v_rec = self.value_rule.forward(sub["value"], x, tape)
             with torch.no_grad():
                 q, k, v = (layer.split_heads(t) for t in v_rec.output.detach().chunk(3, dim=-1))
                 qn, kn = layer.q_norm(q), layer.k_norm(k)
@@ -215,21 +215,21 @@ class SelfAttentionRule(Rule):
                 y = attn @ v
             extras = {"value": v_rec, "attn": attn, "q": q, "k": k, "qn": qn, "kn": kn, "v": v,
                       "scores": scores, "y": y}
-        o_rec = self.out_rule.forward(sub["out"], layer.merge_heads(y), prop)
+        o_rec = self.out_rule.forward(sub["out"], layer.merge_heads(y), tape)
         extras["out"] = o_rec
         return Record(x, o_rec.output.detach(), extras=extras)
 
     # -- backward -----------------------------------------------------------------------------------------
-    def lrp(self, step: Step, rec: Record, R: torch.Tensor, prop: Propagation) -> torch.Tensor:
+    def lrp(self, step: Step, rec: Record, R: torch.Tensor, tape) -> torch.Tensor:
         layer, sub, e = step.layer, step.state, rec.extras
-        R_y = layer.split_heads(self.out_rule.lrp(sub["out"], e["out"], R, prop))
+        R_y = layer.split_heads(self.out_rule.lrp(sub["out"], e["out"], R, tape))
         if self.mode == "cp":
             s = divide(R_y, layer.split_heads(e["out"].input), self.epsilon)
             R_v = e["v"] * (e["attn"].transpose(-2, -1) @ s)
             R_t = layer.merge_heads(R_v)
         else:
             R_t = self._attnlrp(layer, e, R_y)
-        R_in = self.value_rule.lrp(sub["value"], e["value"], R_t, prop)
+        R_in = self.value_rule.lrp(sub["value"], e["value"], R_t, tape)
         bias = [r.absorbed["bias"] for r in (e["out"], e["value"]) if "bias" in r.absorbed]
         if bias:
             rec.absorbed["bias"] = sum(bias)
@@ -247,8 +247,9 @@ class SelfAttentionRule(Rule):
         R_k = _norm_lrp(layer.k_norm, e["k"], e["kn"], R_kn, eps)
         return torch.cat([layer.merge_heads(t) for t in (R_q, R_k, R_v)], dim=-1)
 
-    def remainder_category(self, layer) -> str:
-        return "attention" if self.mode == "attnlrp" else "stabilizer"
+    def traits(self, layer) -> Traits:
+        # AttnLRP's softmax rule is not conservative: what it loses is reported as ``attention``
+        return Traits(remainder="attention" if self.mode == "attnlrp" else "stabilizer")
 
 
 def _norm_lrp(norm: nn.Module, x: torch.Tensor, y: torch.Tensor, R: torch.Tensor, eps: float) -> torch.Tensor:

@@ -1,6 +1,8 @@
-"""The ReLU plan (``lrpkit.propagate.mark_relus``): which layers below a ReLU get the cheaper stabiliser
-``relu(z) + ε`` and drop their output, which ReLUs run in place in the recording pass, and that the plan never
-changes a result."""
+"""The execution plan (``lrpkit.plan.Plan``, ``LRP(model).plan``) as data: which layers below a ReLU get the
+cheaper stabiliser ``relu(z) + ε`` and drop their output, which ReLUs run in place in the recording pass, which
+inputs are recomputed, and that the plan never changes a result."""
+
+from dataclasses import replace
 
 import pytest
 import torch
@@ -10,21 +12,18 @@ from torch import nn
 import lrpkit
 from lrpkit import presets, rules
 from lrpkit.analyzer import leaf_steps
-from lrpkit.propagate import _fresh, keeps_output
+from lrpkit.plan import Plan
+from lrpkit.tape import owns_memory
 
 
 def _plan(lrp):
-    return [(type(s.layer).__name__, s.gated, s.relu_in_place, keeps_output(s)) for s in leaf_steps(lrp.steps)]
+    return [(type(s.layer).__name__, lrp.plan[s.index].gated, lrp.plan[s.index].relu_in_place,
+             lrp.plan[s.index].keep_output) for s in leaf_steps(lrp.steps)]
 
 
 def _unplanned(lrp):
-    """The same analyzer with the plan switched off: every layer keeps its output and uses stab(z)."""
-    def clear(steps):
-        for s in steps:
-            s.gated = s.relu_in_place = False
-            for branch in s.children:
-                clear(branch)
-    clear(lrp.steps)
+    """The same analyzer with the ReLU plan switched off: every layer keeps its output and uses stab(z)."""
+    lrp.plan = Plan(lrp.steps, relus=False)
     return lrp
 
 
@@ -94,7 +93,7 @@ def test_the_plan_changes_no_result(model_name, composite):
     size = 16 if model_name == "mixed" else 48
     x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(2))
     planned = lrpkit.LRP(model, COMPOSITES[composite]())
-    assert any(s.gated for s in leaf_steps(planned.steps))
+    assert any(p.gated for p in planned.plan)
     reference = _unplanned(lrpkit.LRP(model, COMPOSITES[composite]()))
     x_before = x.clone()
     a, b = planned(x, layerwise=True), reference(x, layerwise=True)
@@ -117,9 +116,10 @@ def test_a_wrong_gate_would_be_seen():
                                          lrpkit.LastLayerMap(rules.FlatRule()))
     x = torch.randn(4, 6, generator=torch.Generator().manual_seed(3))
     right = lrpkit.LRP(model, composite())
-    assert not right.steps[0].gated
-    wrong = lrpkit.LRP(model, composite())
-    wrong.steps[0].gated = True
+    assert not right.plan[0].gated
+    wrong = lrpkit.LRP(model, composite())  # the plan as if LRP-flat's relevance vanished where z ≤ 0
+    wrong.plan.steps[0] = replace(wrong.plan[0], gated=True, takes_gate=True, keep_output=False)
+    wrong.plan.steps[2] = replace(wrong.plan[2], gate_to=0)
     assert not torch.allclose(wrong(x).relevance, right(x).relevance, rtol=1e-3)
 
 
@@ -134,19 +134,19 @@ def test_the_gate_by_hand():
         second.weight.fill_(1.0)
     model = nn.Sequential(first, nn.ReLU(), second).eval().double()
     lrp = lrpkit.LRP(model, lrpkit.Composite(lrpkit.GlobalMap(rules.EpsilonRule(eps))))
-    assert lrp.steps[0].gated
+    assert lrp.plan[0].gated and lrp.plan[0].takes_gate and lrp.plan[2].gate_to == 0
     R = lrp(torch.tensor([[2.0, -1.0]], dtype=torch.float64)).relevance
     torch.testing.assert_close(R, torch.tensor([[4 / (2 + eps) ** 2, 0.0]], dtype=torch.float64), rtol=1e-14,
                                atol=0)
 
 
-def test_fresh():
+def test_owns_memory():
     a = torch.randn(2, 3)
-    assert _fresh(a * 2, a)
-    assert not _fresh(a, a)  # the input itself
-    assert not _fresh(a.view(3, 2), a)  # a view
-    assert not _fresh(a[0], torch.randn(3))  # a view of something else
-    assert not _fresh(a.clone().requires_grad_(), a)
+    assert owns_memory(a * 2, a)
+    assert not owns_memory(a, a)  # the input itself
+    assert not owns_memory(a.view(3, 2), a)  # a view
+    assert not owns_memory(a[0], torch.randn(3))  # a view of something else
+    assert not owns_memory(a.clone().requires_grad_(), a)
 
 
 def test_the_plan_keeps_the_model_and_its_outputs():

@@ -1,0 +1,130 @@
+"""The tape: one analysis call. It carries out the analyzer's :class:`~lrpkit.plan.Plan` around the two loops of
+:mod:`lrpkit.propagate`, holds the records between them, and tells its observers what passed.
+
+The propagation options are explicit arguments of :class:`Tape`:
+
+- ``graph_from=k``: the recording pass keeps the autograd graph from the layer with index ``k`` on (its input is
+  the graph's root; rules that keep the graph of their input, as Chefer et al.'s, pass it on), so that a caller
+  can differentiate the output with respect to what the rules hand out (attention probabilities);
+- ``stop_after=k``: the reverse loop ends right after the layer with index ``k``; that layer's rule may leave its
+  input relevance uncomputed (:meth:`Tape.needed` is False), and :func:`~lrpkit.propagate.backward` returns the
+  relevance at the output of the layer where it stopped;
+- ``relevance_at``: layer indices whose input relevance is kept (``tape.relevances[k]``), at any depth;
+- ``observers``: objects with ``loop_started(R)``, ``step_passed(step, plan, record, R_out, R_in)`` and
+  ``loop_ended(R)`` (the accounting, :class:`lrpkit.accounting.AccountingObserver`; the layerwise relevance).
+
+What rules hand out (:meth:`Tape.hand_out`: Chefer's attention relevances, attention probabilities with their
+graph) is collected in ``tape.handed``: ``{key: [(step index, tensor), ...]}``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from . import propagate
+from .plan import Plan
+from .propagate import Record, Step
+
+
+def owns_memory(out: torch.Tensor, inp: torch.Tensor) -> bool:
+    """Whether ``out`` owns its memory: not a view, not the input itself, outside autograd (so a ReLU may run on
+    it in place)."""
+    return out._base is None and not out.requires_grad and \
+        out.untyped_storage().data_ptr() != inp.untyped_storage().data_ptr()
+
+
+class _Recompute:
+    """``layer(record.input)``, evaluated when the reverse loop first reads it."""
+
+    __slots__ = ("layer", "record")
+
+    def __init__(self, layer: nn.Module, record: Record):
+        self.layer, self.record = layer, record
+
+    def __call__(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.layer(self.record.input)
+
+
+class Tape:
+    """One analysis call under ``plan``; see the module docstring for the options."""
+
+    def __init__(self, plan: Plan, *, graph_from: int | None = None, stop_after: int | None = None,
+                 relevance_at=(), observers=()):
+        self.plan = plan
+        self.graph_from, self.stop_after = graph_from, stop_after
+        self.relevance_at = frozenset(relevance_at)
+        self.observers = list(observers)
+        self.records: dict[int, Record] = {}
+        self.handed: dict[str, list] = {}
+        self.relevances: dict[int, torch.Tensor] = {}
+        self.stopped = False
+        self._gates: dict[int, torch.Tensor] = {}
+        self._below = None  # (step, its input, whether it ran in place): the last step recorded in this branch
+
+    # -- the loops, for the analyzer and for container rules ----------------------------------------------------
+    def forward(self, steps: list[Step], x: torch.Tensor) -> torch.Tensor:
+        """Record ``steps`` on ``x`` (:func:`lrpkit.propagate.forward`)."""
+        return propagate.forward(steps, x, self)
+
+    def backward(self, steps: list[Step], R: torch.Tensor) -> torch.Tensor:
+        """The reverse loop over ``steps`` from ``R`` (:func:`lrpkit.propagate.backward`), observed."""
+        for observer in self.observers:
+            observer.loop_started(R)
+        R = propagate.backward(steps, R, self)
+        for observer in self.observers:
+            observer.loop_ended(R)
+        return R
+
+    # -- what rules may ask and give --------------------------------------------------------------------------
+    def needed(self, step: Step) -> bool:
+        """Whether anything reads the relevance at ``step``'s input (False where the loop stops after it)."""
+        return step.index != self.stop_after
+
+    def hand_out(self, step: Step, key: str, value: torch.Tensor) -> None:
+        """Give the caller an intermediate result of ``step`` (collected in ``self.handed[key]``)."""
+        self.handed.setdefault(key, []).append((step.index, value))
+
+    # -- the plan, carried out ----------------------------------------------------------------------------------
+    def record(self, step: Step, x: torch.Tensor) -> torch.Tensor:
+        """Run ``step`` in the recording pass; return its output."""
+        p = self.plan[step.index]
+        below, x_in, below_in_place = self._below or (None, None, False)  # read only where the plan names a step below
+        if step.index == self.graph_from and not x.requires_grad:
+            x = x.detach().requires_grad_(True)  # the root of the graph the caller differentiates
+        in_place = p.relu_in_place and owns_memory(x, x_in)
+        if in_place:  # the record's input is relu(z) from here on: the ReLU's PassRule reads only its shape
+            with torch.no_grad():
+                rec = Record(x, torch.relu_(x))
+        else:
+            rec = step.rule.forward(step, x, self)
+        if p.lazy_input and not below_in_place:
+            rec.input = _Recompute(below.layer, self.records[below.index])
+        self.records[step.index] = rec
+        self._below = (step, x, in_place)
+        out = rec.output
+        if not p.keep_output:
+            rec.output = None
+        return out
+
+    def recall(self, step: Step) -> Record:
+        """The record of ``step`` for the reverse loop, with its gate where the plan hands one over."""
+        rec = self.records.pop(step.index)
+        rec.gate = self._gates.pop(step.index, None)
+        return rec
+
+    def passed(self, step: Step, rec: Record, R_out: torch.Tensor, R_in: torch.Tensor | None) -> None:
+        """After ``step``'s rule: observers, kept relevances, the gate hand-over, freeing, the stop."""
+        p = self.plan[step.index]
+        if step.index == self.stop_after:
+            self.stopped = True
+            return
+        for observer in self.observers:
+            observer.step_passed(step, p, rec, R_out, R_in)
+        if step.index in self.relevance_at:
+            self.relevances[step.index] = R_in
+        if p.gate_to is not None:
+            self._gates[p.gate_to] = rec.input  # relu(z) below, dead from here on: that step may overwrite it
+        rec.input = rec.output = rec.gate = None  # free the activations as the loop goes down, as autograd does
+        rec.extras = {}
