@@ -24,19 +24,20 @@ Cost: one forward pass for the features and 2K forward passes (K ≈ 40 on an Im
 from __future__ import annotations
 
 import time
-import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._warnings import warn
 from ..analyzer import resolve_target
 from ..explanation import Explanation
 from ..layers import Chain, SelfAttention, SkipConnection, Sum
 from .base import Explainer
 
-__all__ = ["ViTCX", "constant_maps", "normalize_maps", "cosine_distances", "cluster_masks", "causal_scores", "vitcx_saliency"]
+__all__ = ["ViTCX", "constant_maps", "normalize_maps", "cosine_distances", "cluster_masks", "causal_scores",
+           "vitcx_saliency"]
 
 
 # ------------------------------------------------------------------------------------------------- the math
@@ -277,8 +278,7 @@ class ViTCX(Explainer):
                 m, _ = cluster_masks(maps, self.distance_threshold)
                 masks.append(m.to(x.dtype))
                 if m.shape[0] == 0:
-                    warnings.warn(f"ViT-CX found no informative feature map for sample {i} (all constant); "
-                                  f"its map is zero", stacklevel=2)
+                    warn(f"ViT-CX found no informative feature map for sample {i} (all constant); its map is zero")
 
             gens = [self._generator(x) for _ in range(b)]
             pairs = [(i, k) for i in range(b) for k in range(masks[i].shape[0])]
