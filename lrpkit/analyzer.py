@@ -52,11 +52,15 @@ def patch_size_of(chain: Chain):
 
 
 def warn_if_training(model, who: str, stacklevel: int = 3) -> None:
-    """Warn that a model in training mode is explained in eval mode (on a copy; the model itself is left as is)."""
+    """Warn that a model in training mode is explained in eval mode (on a copy; the model itself is left as is).
+    The warning names the user's line, however deep in lrpkit the call (:mod:`lrpkit._warnings`); ``stacklevel`` is
+    accepted and ignored."""
+    from ._warnings import user_stacklevel
+
     if isinstance(model, nn.Module) and model.training:
         warnings.warn(f"the model is in training mode; {who} explains its eval-mode behaviour (dropout off, "
                       f"BatchNorm running statistics) on a copy and leaves your model as it is",
-                      stacklevel=stacklevel + 1)
+                      stacklevel=user_stacklevel())
 
 
 def dtype_device(module: nn.Module) -> tuple:

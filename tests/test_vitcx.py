@@ -11,7 +11,8 @@ from torch import nn
 
 from lrpkit.layers import (Chain, ClassToken, LayerNormalize, PatchFlatten, PositionalEmbedding, Scale,
                            SelectClassToken, SelfAttention, SkipConnection)
-from lrpkit.methods.vitcx import ViTCX, causal_scores, cluster_masks, cosine_distances, normalize_maps, vitcx_saliency
+from lrpkit.methods.vitcx import (ViTCX, causal_scores, cluster_masks, constant_maps, cosine_distances, normalize_maps,
+                                  vitcx_saliency)
 from helpers import tiny_vit
 
 
@@ -33,6 +34,17 @@ def test_normalize_maps_by_hand():
     maps = torch.tensor([[[1.0, 3.0], [5.0, 9.0]], [[2.0, 2.0], [2.0, 2.0]]])
     # (m - 1) / (9 - 1) = [[0, .25], [.5, 1]]; the constant map has no range -> zeros
     assert torch.equal(normalize_maps(maps), torch.tensor([[[0.0, 0.25], [0.5, 1.0]], [[0.0, 0.0], [0.0, 0.0]]]))
+
+
+def test_constant_maps_by_hand():
+    ulp = torch.finfo(torch.float32).eps  # the spacing of float32 numbers in [1, 2)
+    maps = torch.tensor([[0.3, 0.3, 0.3, 0.3],            # constant, not zero
+                         [0.0, 0.0, 0.0, 0.0],            # all zero
+                         [1.0, 1.0 + ulp, 1.0, 1.0],      # one ulp of spread: 1.2e-7 <= 4·eps·(1 + eps)
+                         [1.0, 1.0 + 8 * ulp, 1.0, 1.0],  # eight ulps: 9.5e-7 > 4.8e-7
+                         [1e-9, 2e-9, 1e-9, 1e-9],        # tiny values but a real pattern: relative spread 1/2
+                         [-5.0, -5.0, -5.0, -5.0]]).view(6, 2, 2)
+    assert constant_maps(maps).tolist() == [True, True, True, False, False, True]
 
 
 def test_cosine_distances_equal_scipy_pdist():
@@ -199,6 +211,37 @@ def test_constant_features_give_no_masks_and_a_zero_map():
     with pytest.warns(UserWarning, match="no informative feature map"):
         e = ViTCX(model, seed=0, progress=False)(X)
     assert e.extras["num_masks"] == [0, 0] and torch.equal(e.relevance, torch.zeros(2, 1, 32, 32))
+
+
+def test_a_constant_non_zero_map_is_left_out_like_a_removed_channel():
+    # LayerNorm weight 0 on channel 5 of the feature layer (blocks.1.norm1): that channel's map is its bias, 0.3, on
+    # every patch. Upsampled bilinearly it is no longer exactly constant (float32 rounding, a ripple of 1-2 ulp),
+    # and min-max normalisation would stretch the ripple to [0, 1]: a noise map that joins a cluster and changes
+    # its mask by about 0.35. Left out, the result equals ViT-CX on the same model with channel 5 removed from the
+    # features.
+    c = 5
+    model = tiny_vit()
+    with torch.no_grad():
+        model.blocks[1].norm1.weight[c] = 0.0
+        model.blocks[1].norm1.bias[c] = 0.3
+
+    class WithoutChannel(ViTCX):
+        def features(self, x):
+            logits, grid = super().features(x)
+            return logits, torch.cat([grid[:, :c], grid[:, c + 1:]], 1)
+
+    method = ViTCX(model, seed=0, keep_masks=True, progress=False)
+    _, grid = method.features(X)
+    assert torch.equal(grid[:, c], torch.full((2, 4, 4), 0.3))  # constant and non-zero on the patch grid
+    up = nn.functional.interpolate(grid[:, c:c + 1], size=(32, 32), mode="bilinear", align_corners=False)
+    assert up.amax() > up.amin()  # the trap is real: the upsampled map is not exactly constant
+    e = method(X)
+    want = WithoutChannel(model, seed=0, keep_masks=True, progress=False)(X)
+    assert e.extras["num_masks"] == want.extras["num_masks"]
+    for b in range(2):
+        err = (e.extras["masks"][b] - want.extras["masks"][b]).abs().max()
+        assert err < 1e-6, f"sample {b}: masks differ by {err:.3g} from those without the constant channel"
+    assert torch.allclose(e.relevance, want.relevance, atol=1e-7, rtol=0)
 
 
 def test_progress_bar_can_be_turned_off(capsys):

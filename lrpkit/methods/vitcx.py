@@ -6,7 +6,8 @@ For each sample x with target class c (argmax unless given) and ``p = softmax(mo
 1. ``p_c(x)``.
 2. The output of a feature layer (default: the input of the last block's attention, i.e. the output of its first
    norm), prefix tokens (class, distillation, register) dropped, patch tokens reshaped to D maps (D, h, w).
-3. Each map upsampled bilinearly to the image size and min-max normalised to [0, 1].
+3. Each map upsampled bilinearly to the image size and min-max normalised to [0, 1]. A map that is constant on the
+   patch grid (:func:`constant_maps`, decided before the upsampling) carries no spatial information and is left out.
 4. The D maps clustered by agglomerative clustering with complete linkage on the cosine distance
    ``1 − cos(m_d, m_e)``, cut at ``distance_threshold``; each cluster's mask ``M_i`` is the sum of its members,
    min-max normalised again (K masks).
@@ -23,22 +24,41 @@ Cost: one forward pass for the features and 2K forward passes (K ≈ 40 on an Im
 from __future__ import annotations
 
 import time
-import warnings
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .._warnings import warn
 from ..analyzer import resolve_target
 from ..explanation import Explanation
 from ..layers import Chain, SelfAttention, SkipConnection, Sum
 from .base import Explainer
 
-__all__ = ["ViTCX", "normalize_maps", "cosine_distances", "cluster_masks", "causal_scores", "vitcx_saliency"]
+__all__ = ["ViTCX", "constant_maps", "normalize_maps", "cosine_distances", "cluster_masks", "causal_scores",
+           "vitcx_saliency"]
 
 
 # ------------------------------------------------------------------------------------------------- the math
+def constant_maps(grid: torch.Tensor) -> torch.Tensor:
+    """Which maps of a feature grid (D, h, w) are constant: a (D,) bool tensor, True where
+    ``max m − min m <= 4 · eps · max |m|``, with ``eps = torch.finfo(grid.dtype).eps`` (float32: 1.2e-7, so a
+    relative spread of 4.8e-7). An all-zero map is constant.
+
+    Why on the patch grid: bilinear upsampling of a constant map is not exactly constant in floating point (a
+    ripple of an ulp or two), and min-max normalisation stretches that ripple to [0, 1]: a noise mask, or a noise
+    member of a cluster. On the grid a constant feature is constant to the last bit. Why a tolerance, and why
+    relative: a map that is constant in exact arithmetic but was computed token by token can differ by a few units
+    in the last place, and an ulp scales with the values' magnitude; a spread of four ulps of the largest value is
+    rounding, not a spatial pattern (real feature maps vary by many orders of magnitude more).
+    """
+    flat = grid.flatten(1)
+    eps = torch.finfo(flat.dtype).eps if flat.is_floating_point() else 0.0
+    span = flat.amax(1) - flat.amin(1)
+    return span <= 4 * eps * flat.abs().amax(1)
+
+
 def normalize_maps(maps: torch.Tensor) -> torch.Tensor:
     """Min-max normalise each map of (K, H, W) to [0, 1]: ``(m − min m) / (max m − min m)``; a constant map
     (max = min) becomes all zeros."""
@@ -71,8 +91,9 @@ def cluster_masks(maps: torch.Tensor, distance_threshold: float = 0.1) -> tuple[
     Agglomerative clustering (``scipy.cluster.hierarchy.linkage``, ``method='complete'``) on the cosine
     distances, cut with ``fcluster(criterion='distance', t=distance_threshold)``: within a cluster every pair of
     maps is at most ``distance_threshold`` apart. Mask i = the sum of cluster i's maps, min-max normalised.
-    All-zero maps (constant features) carry no spatial information and get label 0 (no cluster); masks that
-    normalise to all zeros are dropped.
+    All-zero maps (normalised constant features; :class:`ViTCX` zeroes the maps that :func:`constant_maps` finds
+    constant on the patch grid) carry no spatial information and get label 0 (no cluster); masks that normalise to
+    all zeros are dropped.
     """
     from scipy.cluster.hierarchy import fcluster, linkage
 
@@ -253,11 +274,11 @@ class ViTCX(Explainer):
             masks = []
             for i in range(b):
                 maps = F.interpolate(feats[i:i + 1], size=(h, w), mode="bilinear", align_corners=False)[0]
-                m, _ = cluster_masks(normalize_maps(maps), self.distance_threshold)
+                maps = normalize_maps(maps).masked_fill(constant_maps(feats[i])[:, None, None], 0)  # left out
+                m, _ = cluster_masks(maps, self.distance_threshold)
                 masks.append(m.to(x.dtype))
                 if m.shape[0] == 0:
-                    warnings.warn(f"ViT-CX found no informative feature map for sample {i} (all constant); "
-                                  f"its map is zero", stacklevel=2)
+                    warn(f"ViT-CX found no informative feature map for sample {i} (all constant); its map is zero")
 
             gens = [self._generator(x) for _ in range(b)]
             pairs = [(i, k) for i in range(b) for k in range(masks[i].shape[0])]
