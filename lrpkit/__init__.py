@@ -10,6 +10,8 @@ Quick start::
 from . import composites, layers, presets, rules
 from .analyzer import LRP, analyze
 from .canonize import CanonizationError, canonize, register_canonizer
+from . import families
+from .families import Family, register_family
 from .composites import (Composite, FirstLayerMap, FirstLayerTypeMap, GlobalMap, GlobalTypeMap, LastLayerMap,
                          LastLayerTypeMap, NameMap, RangeMap, RangeTypeMap)
 from .explanation import Accounting, Explanation
@@ -21,7 +23,8 @@ from . import evaluate, methods  # noqa: E402  (after the core they build on)
 __version__ = "0.1.0"
 
 __all__ = [
-    "LRP", "analyze", "canonize", "register_canonizer", "register_rule", "CanonizationError",
+    "LRP", "analyze", "canonize", "register_canonizer", "register_rule", "CanonizationError", "families",
+    "Family", "register_family",
     "Explanation", "Accounting", "composites", "presets", "rules", "layers", "methods", "evaluate",
     "Composite", "GlobalMap", "GlobalTypeMap", "FirstLayerMap", "FirstLayerTypeMap", "LastLayerMap",
     "LastLayerTypeMap", "RangeMap", "RangeTypeMap", "NameMap",

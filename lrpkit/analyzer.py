@@ -16,8 +16,8 @@ from ._inference import outside_inference_mode
 from .canonize import canonize
 from .composites import Composite, format_table
 from .explanation import Accounting, Explanation
-from .layers import Chain, PatchFlatten
-from .presets import default_composite
+from .families import family_of
+from .layers import Chain
 from .accounting import AccountingObserver, LayerwiseObserver
 from .plan import Plan
 from .propagate import Step
@@ -41,14 +41,6 @@ def build_steps(chain: Chain, composite: Composite) -> list[Step]:
         return steps
 
     return build(chain)
-
-
-def patch_size_of(chain: Chain):
-    """(ph, pw) for a ViT-like chain (a Conv2d patch projection followed by PatchFlatten), else None."""
-    head = list(chain)[:3]
-    if head and isinstance(head[0], nn.Conv2d) and any(isinstance(m, PatchFlatten) for m in head[1:]):
-        return tuple(head[0].stride)
-    return None
 
 
 def warn_if_training(model, who: str, stacklevel: int = 3) -> None:
@@ -106,7 +98,7 @@ def resolve_target(output: torch.Tensor, target) -> torch.Tensor:
 
 class LRP:
     """A reusable LRP analyzer: ``LRP(model, composite=None)`` canonizes ``model`` once (a frozen eval-mode copy;
-    ``model`` is never modified), maps rules with ``composite`` (default: :func:`lrpkit.presets.default_composite`)
+    ``model`` is never modified), maps rules with ``composite`` (default: the model family's, :func:`lrpkit.families.family_of`)
     and builds the modified layers and the execution plan (``lrp.plan``, :class:`lrpkit.plan.Plan`). Call it on
     batches: ``lrp(x, target=None, *, R=None, normalize_output=True, layerwise=False) -> Explanation``.
     Thread-safe: a call keeps its state to itself (its :class:`~lrpkit.tape.Tape`).
@@ -116,10 +108,11 @@ class LRP:
     def __init__(self, model: nn.Module, composite: Composite | None = None, *, strip_softmax: bool = False):
         warn_if_training(model, "lrpkit", stacklevel=3)  # user → wrapper → __init__
         self.chain = canonize(model, strip_softmax=strip_softmax)
-        self.composite = composite if composite is not None else default_composite(self.chain)
+        self.family = family_of(model)
+        self.composite = composite if composite is not None else self.family.composite(self.chain)
         self.steps = build_steps(self.chain, self.composite)
         self.plan = Plan(self.steps)
-        self.patch_size = patch_size_of(self.chain)
+        self.patch_size = self.family.geometry(model, self.chain).patch_size
         self.dtype, self.device = dtype_device(self.chain)
 
     def table(self) -> str:

@@ -83,7 +83,8 @@ def AttnLRP(epsilon: float = 1e-6, gamma: float | None = None, first_layer=None)
 
 
 def default_composite(chain) -> Composite:
-    """What ``analyze`` uses without a composite: :func:`CPLRP` for transformers (conservative, costs about one
+    """The ``generic`` model family's composite (:mod:`lrpkit.families`; the built-in families choose the same):
+    :func:`CPLRP` for transformers (conservative, costs about one
     gradient, and its ε → 0 limit is a well-defined gradient × input), :func:`EpsilonPlusFlat` otherwise (the
     recommendation of Kohlbrenner et al. 2020 for CNNs)."""
     if any(isinstance(m, SelfAttention) for m in chain.modules()):

@@ -3,11 +3,10 @@
 ``canonize(model)`` dispatches on the model's type (torchvision VGG/ResNet, timm VisionTransformer, any
 ``nn.Sequential``), flattens nested ``nn.Sequential``, fuses BatchNorm into the preceding Linear/Conv, drops
 Dropout/Identity and makes residual structure explicit. It builds a new module: the user's model is untouched.
-Add a model family with :func:`register_canonizer`.
+Teach it a module type with :func:`register_canonizer`; a whole model family (canonizers, default composite,
+geometry, methods) is one :func:`lrpkit.families.register_family`.
 """
 
 from .core import CanonizationError, canonize, flatten, join, make_chain, register_canonizer
-from . import torchvision as _torchvision  # noqa: F401  (registers VGG / ResNet)
-from . import timm_vit as _timm_vit  # noqa: F401  (registers timm VisionTransformer)
 
 __all__ = ["CanonizationError", "canonize", "flatten", "join", "make_chain", "register_canonizer"]

@@ -48,6 +48,8 @@ import torch
 from torch import nn
 
 # CSV_COLUMNS (from .report) is unused here: imported so that the tests' ``runner.CSV_COLUMNS`` keeps working
+from ..families import GENERIC, family_of
+from ..families.timm_vit import VIT_METHODS
 from .distributed import _Dist, resolve_device, shard
 from .report import CSV_COLUMNS, METRICS, _write_csv, format_summary, plot_curves, summarize  # noqa: F401
 from .sources import Batch, GeneratedImages, ImageFolder
@@ -61,12 +63,10 @@ __all__ = [
     "score_batch",
 ]
 
-#: Methods evaluated by default on a vision transformer (a model with ``patch_embed``).
-DEFAULT_METHODS_VIT = ("lrp", "attnlrp", "transformer-attribution", "rollout", "gradient-rollout",
-                       "attention-gradcam", "gradient", "input-x-gradient", "integrated-gradients", "smoothgrad")
-#: Methods evaluated by default on other models (CNNs).
-DEFAULT_METHODS_CNN = ("lrp", "epsilon-plus", "epsilon-gamma-box", "epsilon-alpha2-beta1", "gradient",
-                       "input-x-gradient", "integrated-gradients", "smoothgrad")
+#: Methods evaluated by default on a vision transformer (the ``timm-vit`` family's ``methods``).
+DEFAULT_METHODS_VIT = VIT_METHODS
+#: Methods evaluated by default on other models (the ``generic`` family's ``methods``).
+DEFAULT_METHODS_CNN = GENERIC.methods
 
 
 def _clean(v: float) -> float | None:
@@ -105,12 +105,9 @@ def score_batch(model: nn.Module, normalize: Callable, batch: Batch, heatmap: to
 
 
 def _patch_size(model: nn.Module) -> int | None:
-    pe = getattr(model, "patch_embed", None)
-    size = getattr(pe, "patch_size", None)
-    if size is None:
-        return None
-    size = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
-    return int(size[0]) if size[0] == size[1] else None
+    """The model family's square patch size, or None."""
+    size = family_of(model).geometry(model, None).patch_size
+    return int(size[0]) if size is not None and size[0] == size[1] else None
 
 
 def _methods(names, model: nn.Module, prep, method_seed: int, log) -> dict:
@@ -119,7 +116,7 @@ def _methods(names, model: nn.Module, prep, method_seed: int, log) -> dict:
     if isinstance(names, str):
         names = [names]
     if names is None or list(names) in ([], ["default"]):
-        names = list(DEFAULT_METHODS_VIT if hasattr(model, "patch_embed") else DEFAULT_METHODS_CNN)
+        names = list(family_of(model).methods)
         skip_inapplicable = True
     elif list(names) == ["all"]:
         names, skip_inapplicable = list(catalog.METHODS), True

@@ -1,4 +1,5 @@
-"""What every explainer in :mod:`lrpkit.methods` shares: canonization once, input checks, the ViT token geometry."""
+"""What every explainer in :mod:`lrpkit.methods` shares: canonization once, input checks, the model family's
+geometry (patch grid, prefix tokens, global attention)."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ from torch import nn
 
 from .._inference import outside_inference_mode
 from ..canonize import canonize
-from ..layers import Chain, ClassToken, SelfAttention
-from ..analyzer import check_tensor, dtype_device, patch_size_of, warn_if_training
+from ..layers import Chain
+from ..analyzer import check_tensor, dtype_device, warn_if_training
+from ..families import family_of
 
 
 class NotApplicableError(TypeError):
@@ -36,8 +38,10 @@ class Explainer:
     def __init__(self, model: nn.Module):
         warn_if_training(model, self.name)
         self.chain: Chain = canonize(model)
-        self.patch_size = patch_size_of(self.chain)
-        if self.needs_attention and not any(isinstance(m, SelfAttention) for m in self.chain.modules()):
+        self.family = family_of(model)
+        self.geometry = self.family.geometry(model, self.chain)
+        self.patch_size = self.geometry.patch_size
+        if self.needs_attention and not self.geometry.global_attention:
             raise NotApplicableError(f"{self.name} needs a vision transformer (a model with self-attention layers); "
                             f"got {type(model).__name__}")
         self.dtype, self.device = dtype_device(self.chain)
@@ -50,16 +54,13 @@ class Explainer:
             raise ValueError(f"x must be a batch of images (B, C, H, W), got shape {tuple(x.shape)}")
 
     def num_prefix(self) -> int:
-        """Number of prefix tokens (class, distillation, register) before the patch tokens."""
-        for m in self.chain.modules():
-            if isinstance(m, ClassToken):
-                return m.num_prefix
-        return 0
+        """Number of prefix tokens (class, distillation, register) before the patch tokens (the family's
+        geometry)."""
+        return self.geometry.num_prefix
 
     def grid(self, x: torch.Tensor) -> tuple[int, int]:
-        """(grid_h, grid_w): the patch grid of input ``x``."""
-        ph, pw = self.patch_size
-        return x.shape[-2] // ph, x.shape[-1] // pw
+        """(grid_h, grid_w): the patch grid of input ``x`` (the family's geometry)."""
+        return self.geometry.grid(x)
 
     def __call__(self, x: torch.Tensor, target=None):
         raise NotImplementedError

@@ -1,4 +1,5 @@
-"""Canonizers for torchvision's VGG and ResNet (BasicBlock and Bottleneck).
+"""The ``torchvision-cnn`` family: torchvision's VGG and ResNet (BasicBlock and Bottleneck), canonized; default
+composite EpsilonPlusFlat; no patch geometry.
 
 VGG: ``features, avgpool, flatten, classifier``. ResNet: ``conv1, bn1, relu, maxpool, layer1..4, avgpool,
 flatten, fc``; a block ``relu(f(x) + shortcut(x))`` becomes ``SkipConnection(f)`` (identity shortcut) or
@@ -10,7 +11,8 @@ from __future__ import annotations
 from torch import nn
 
 from ..layers import SkipConnection, Sum
-from .core import copy_layer, flatten, join, make_chain, register_canonizer
+from ..canonize.core import copy_layer, flatten, join, make_chain
+from . import GENERIC, Family, Geometry, register_family
 
 
 def _vgg(model, path):
@@ -41,13 +43,20 @@ def _block(parts):
     return canonize_block
 
 
+def _epsilon_plus_flat(chain):
+    from ..presets import EpsilonPlusFlat
+    return EpsilonPlusFlat()
+
+
 try:
     from torchvision.models import resnet as _tv_resnet
     from torchvision.models import vgg as _tv_vgg
 except ImportError:  # torchvision is optional for canonization
     pass
 else:
-    register_canonizer(_tv_vgg.VGG, _vgg)
-    register_canonizer(_tv_resnet.ResNet, _resnet)
-    register_canonizer(_tv_resnet.BasicBlock, _block(("conv1", "bn1", "conv2", "bn2")))
-    register_canonizer(_tv_resnet.Bottleneck, _block(("conv1", "bn1", "conv2", "bn2", "conv3", "bn3")))
+    register_family(Family(
+        "torchvision-cnn", (_tv_vgg.VGG, _tv_resnet.ResNet),
+        {_tv_vgg.VGG: _vgg, _tv_resnet.ResNet: _resnet,
+         _tv_resnet.BasicBlock: _block(("conv1", "bn1", "conv2", "bn2")),
+         _tv_resnet.Bottleneck: _block(("conv1", "bn1", "conv2", "bn2", "conv3", "bn3"))},
+        composite=_epsilon_plus_flat, geometry=lambda model, chain=None: Geometry(), methods=GENERIC.methods))

@@ -1,4 +1,5 @@
-"""Canonizer for timm's ``VisionTransformer`` and ``VisionTransformerDistilled`` (ViT, DeiT, DeiT-3, ViT+registers).
+"""The ``timm-vit`` family: timm's ``VisionTransformer`` and ``VisionTransformerDistilled`` (ViT, DeiT, DeiT-3,
+ViT+registers), canonized; default composite CP-LRP; geometry from ``patch_embed`` and the prefix tokens.
 
 The chain (one entry per line)::
 
@@ -39,7 +40,8 @@ from torch import nn
 
 from ..layers import (Chain, ClassToken, LayerNormalize, PatchFlatten, PositionalEmbedding, Scale,
                       SelectClassToken, SelfAttention, SkipConnection, Sum, TokenMean)
-from .core import CanonizationError, copy_layer, flatten, join, make_chain, register_canonizer
+from ..canonize.core import CanonizationError, copy_layer, flatten, join, make_chain
+from . import Family, Geometry, register_family
 
 # the methods of VisionTransformer that make up its forward pass: a subclass that overrides one of them computes
 # something this canonizer does not know
@@ -223,9 +225,27 @@ def canonize_vit(model, path: str = "") -> list:
     return entries
 
 
+def vit_geometry(model, chain=None) -> Geometry:
+    """timm's ``patch_embed.patch_size`` and the prefix tokens that the canonized chain prepends (class,
+    distillation or register tokens, in timm's order)."""
+    size = model.patch_embed.patch_size
+    size = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
+    return Geometry(size, len(_prefix_tokens(model)[1]), global_attention=True)
+
+
+def _cplrp(chain):
+    from ..presets import CPLRP
+    return CPLRP()
+
+
+#: The methods ``lrpkit evaluate`` runs by default on a vision transformer.
+VIT_METHODS = ("lrp", "attnlrp", "transformer-attribution", "rollout", "gradient-rollout", "attention-gradcam",
+               "gradient", "input-x-gradient", "integrated-gradients", "smoothgrad")
+
 try:
     from timm.models.vision_transformer import VisionTransformer
 except ImportError:  # timm is a core dependency, but canonization of other models works without it
     pass
 else:
-    register_canonizer(VisionTransformer, canonize_vit)
+    register_family(Family("timm-vit", (VisionTransformer,), {VisionTransformer: canonize_vit}, composite=_cplrp,
+                           geometry=vit_geometry, methods=VIT_METHODS))

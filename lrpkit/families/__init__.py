@@ -1,0 +1,124 @@
+"""Model families: everything lrpkit knows about one kind of model, in one registration.
+
+A :class:`Family` names the model types it canonizes and their canonizers, its default composite, its geometry
+(patch size and prefix tokens of a patch-token model, or none) and which methods apply to it. The analyzer, the
+methods, ``lrpkit evaluate`` and the command line ask the family (:func:`family_of`) instead of looking for layers
+or attribute names. Adding a family is one module that calls :func:`register_family`, plus its tests; see
+docs/canonization.md ("Adding a model family") for a worked example.
+
+Built in: ``timm-vit`` (:mod:`lrpkit.families.timm_vit`), ``torchvision-cnn``
+(:mod:`lrpkit.families.torchvision_cnn`) and ``generic`` (any ``nn.Sequential`` or
+:class:`~lrpkit.layers.Chain` of layers that have rules), which answers every question from the canonized chain.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable
+
+from torch import nn
+
+from ..canonize.core import register_canonizer
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """What a patch-token model's explanations need to know of its layout: ``patch_size`` (ph, pw), the number of
+    prefix tokens (class, distillation, register) before the patch tokens, and whether its attention is global
+    (token-to-token), which the attention methods need. ``Geometry()`` is a model without patches (a CNN)."""
+
+    patch_size: tuple[int, int] | None = None
+    num_prefix: int = 0
+    global_attention: bool = False
+
+    def grid(self, x) -> tuple[int, int]:
+        """(grid_h, grid_w): the patch grid of an image batch ``x`` (B, C, H, W)."""
+        if self.patch_size is None:
+            raise ValueError("this model has no patch grid")
+        ph, pw = self.patch_size
+        return x.shape[-2] // ph, x.shape[-1] // pw
+
+
+@dataclass(frozen=True)
+class Family:
+    """One model family (see the module docstring).
+
+    - ``name``: a short name (``"timm-vit"``).
+    - ``types``: the model classes that belong to it (instances of subclasses too).
+    - ``canonizers``: ``{module type: fn(module, path) -> [(name, layer), ...]}`` for the model and its blocks
+      (see :func:`lrpkit.canonize.register_canonizer`).
+    - ``composite``: ``fn(chain) -> Composite``, what ``analyze`` uses without a composite.
+    - ``geometry``: ``fn(model, chain) -> Geometry``.
+    - ``methods``: the command-line names of the methods ``lrpkit evaluate`` runs by default on it
+      (:data:`lrpkit.catalog.METHODS`).
+    """
+
+    name: str
+    types: tuple[type, ...]
+    canonizers: dict = field(default_factory=dict)
+    composite: Callable = None
+    geometry: Callable = None
+    methods: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not self.name or not isinstance(self.name, str):
+            raise TypeError(f"a Family needs a name, got {self.name!r}")
+        bad = [t for t in tuple(self.types) + tuple(self.canonizers)
+               if not (isinstance(t, type) and issubclass(t, nn.Module))]
+        if bad:
+            raise TypeError(f"Family {self.name!r}: types and canonizer keys must be nn.Module subclasses, got {bad}")
+        if not callable(self.composite) or not callable(self.geometry):
+            raise TypeError(f"Family {self.name!r} needs callables composite(chain) and geometry(model, chain)")
+
+
+_FAMILIES: list[Family] = []
+
+
+def register_family(family: Family) -> Family:
+    """Make ``family`` known: its canonizers are registered (:func:`lrpkit.canonize.register_canonizer`) and
+    :func:`family_of` answers with it for its types. A family registered later wins over one registered earlier
+    for the same type."""
+    if not isinstance(family, Family):
+        raise TypeError(f"register_family needs a lrpkit.families.Family, got {type(family).__name__}")
+    for model_type, fn in family.canonizers.items():
+        register_canonizer(model_type, fn)
+    _FAMILIES.insert(0, family)
+    return family
+
+
+def family_of(model: nn.Module) -> Family:
+    """The family of ``model``: the registered family whose types it is an instance of, else ``generic``."""
+    for family in _FAMILIES:
+        if family.types and isinstance(model, family.types):
+            return family
+    return GENERIC
+
+
+def _generic_composite(chain):
+    from ..presets import default_composite
+    return default_composite(chain)
+
+
+def _generic_geometry(model, chain) -> Geometry:
+    """From the canonized chain: a Conv2d patch projection followed by PatchFlatten gives the patch size; a
+    ClassToken the prefix tokens; SelfAttention layers global attention."""
+    from ..canonize import canonize
+    from ..layers import ClassToken, PatchFlatten, SelfAttention
+
+    chain = canonize(model) if chain is None else chain
+    head = list(chain)[:3]
+    patch = None
+    if head and isinstance(head[0], nn.Conv2d) and any(isinstance(m, PatchFlatten) for m in head[1:]):
+        patch = tuple(head[0].stride)
+    prefix = next((m.num_prefix for m in chain.modules() if isinstance(m, ClassToken)), 0)
+    return Geometry(patch, prefix, any(isinstance(m, SelfAttention) for m in chain.modules()))
+
+
+#: Any model made of layers that have rules: the answers come from the canonized chain.
+GENERIC = Family("generic", (), composite=_generic_composite, geometry=_generic_geometry,
+                 methods=("lrp", "epsilon-plus", "epsilon-gamma-box", "epsilon-alpha2-beta1", "gradient",
+                          "input-x-gradient", "integrated-gradients", "smoothgrad"))
+
+from . import torchvision_cnn, timm_vit  # noqa: E402,F401  (the built-in families register themselves)
+
+__all__ = ["Family", "Geometry", "GENERIC", "family_of", "register_family"]
