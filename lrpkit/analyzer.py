@@ -15,7 +15,7 @@ from torch import nn
 from ._inference import outside_inference_mode
 from .canonize import canonize
 from .composites import Composite, format_table
-from .explanation import Accounting, Explanation
+from .explanation import Explanation
 from .families import family_of
 from .layers import Chain
 from .accounting import AccountingObserver, LayerwiseObserver
@@ -24,23 +24,17 @@ from .propagate import Step
 from .tape import Tape
 
 
-def build_steps(chain: Chain, composite: Composite) -> list[Step]:
-    """The chain's layers with their rules and the rules' prepared state (modified layers), built once."""
-    slots = iter(composite.assign(chain))
-
-    def build(ch: Chain) -> list[Step]:
-        steps = []
-        for _ in ch:
-            slot = next(slots)
-            step = Step(slot.layer, slot.rule, slot.index, slot.path, slot.name)
-            if slot.is_container:
-                branches = [slot.layer.inner] if hasattr(slot.layer, "inner") else list(slot.layer.branches)
-                step.children = [build(branch) for branch in branches]
-            step.state = slot.rule.prepare(slot.layer)
-            steps.append(step)
-        return steps
-
-    return build(chain)
+def build_steps(chain: Chain, composite: Composite) -> tuple[list[Step], list[Step]]:
+    """The chain's layers with their rules and the rules' prepared state (modified layers), built once:
+    ``(top-level steps, every step depth-first)``; a container's branches are its ``children``."""
+    top, every, branches = [], [], {}
+    for slot in composite.assign(chain):  # depth-first: a container before its contents
+        step = Step(slot.layer, slot.rule, slot.index, slot.path, slot.name, slot.rule.prepare(slot.layer))
+        step.children = [branches.setdefault((slot.index, b), []) for b in range(len(slot.visit.branches))]
+        parent = slot.visit.parent
+        (top if parent is None else branches[(parent, slot.visit.branch)]).append(step)
+        every.append(step)
+    return top, every
 
 
 def warn_if_training(model, who: str, stacklevel: int = 3) -> None:
@@ -110,7 +104,7 @@ class LRP:
         self.chain = canonize(model, strip_softmax=strip_softmax)
         self.family = family_of(model)
         self.composite = composite if composite is not None else self.family.composite(self.chain)
-        self.steps = build_steps(self.chain, self.composite)
+        self.steps, self.all_steps = build_steps(self.chain, self.composite)
         self.plan = Plan(self.steps)
         self.patch_size = self.family.geometry(model, self.chain).patch_size
         self.dtype, self.device = dtype_device(self.chain)
@@ -122,7 +116,7 @@ class LRP:
     # -- input checks -------------------------------------------------------------------------------------
     def _check_input(self, x) -> None:
         check_tensor(x, self.dtype, self.device)
-        first = next((s.layer for s in leaf_steps(self.steps)), None)
+        first = next((s.layer for s in self.all_steps if not s.children), None)
         expected, missing_batch = None, False
         if isinstance(first, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
             nd = {nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5}[type(first)]
@@ -173,16 +167,6 @@ def output_relevance(output: torch.Tensor, target, R, normalize_output: bool) ->
     target_idx = resolve_target(output, target)
     mask = torch.zeros_like(output).scatter_(1, target_idx[:, None], 1.0)
     return (mask if normalize_output else mask * output), target_idx
-
-
-def leaf_steps(steps):
-    """The non-container steps, depth-first."""
-    for s in steps:
-        if s.children:
-            for branch in s.children:
-                yield from leaf_steps(branch)
-        else:
-            yield s
 
 
 def analyze(model: nn.Module, x: torch.Tensor, composite: Composite | None = None, target=None, *,

@@ -26,40 +26,30 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .layers import Chain, SkipConnection, Sum
+from .layers import Chain
 from .registry import default_rule
 from .rules.base import IncompatibleRuleError
+from .walk import Visit, walk
 
 
 @dataclass
 class LayerSlot:
-    """One layer of the chain as the composites see it."""
+    """One layer of the chain as the composites see it: where the walk met it (:class:`lrpkit.walk.Visit`) and
+    the rule assigned so far."""
 
-    index: int
-    path: str  # position in the chain, e.g. "5.inner.2"
-    name: str  # module path in the original model
-    layer: nn.Module
-    is_container: bool
+    visit: Visit
     rule: object = None
+
+    index = property(lambda self: self.visit.index)
+    path = property(lambda self: self.visit.path)  # position in the chain, e.g. "5.inner.2"
+    name = property(lambda self: self.visit.name)  # module path in the original model
+    layer = property(lambda self: self.visit.layer)
+    is_container = property(lambda self: self.visit.is_container)
 
 
 def layer_slots(chain: Chain) -> list[LayerSlot]:
     """All layers of ``chain`` depth-first (containers before their contents), with their default rules."""
-    slots: list[LayerSlot] = []
-
-    def visit(ch: Chain, prefix: str):
-        for i, (name, layer) in enumerate(zip(ch.names, ch)):
-            path = f"{prefix}{i}"
-            container = isinstance(layer, (SkipConnection, Sum))
-            slots.append(LayerSlot(len(slots), path, name, layer, container, default_rule(layer)))
-            if isinstance(layer, SkipConnection):
-                visit(layer.inner, f"{path}.inner.")
-            elif isinstance(layer, Sum):
-                for b, branch in enumerate(layer.branches):
-                    visit(branch, f"{path}.branch{b}.")
-
-    visit(chain, "")
-    return slots
+    return [LayerSlot(v, default_rule(v.layer)) for v in walk(chain)]
 
 
 def _assign(slot: LayerSlot, rule, source: str) -> None:
@@ -244,15 +234,12 @@ def format_table(slots: list[LayerSlot]) -> str:
     depth) and rule."""
     rows = [("index", "path", "name", "layer", "rule")]
     for s in slots:
-        depth = s.path.count(".inner.") + s.path.count(".branch")
-        layer = "  " * depth + _short(s.layer)
+        layer = "  " * s.visit.depth + (type(s.layer).__name__ if s.is_container else _short(s.layer))
         rows.append((str(s.index), s.path, s.name, layer, repr(s.rule)))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows)
 
 
 def _short(layer: nn.Module) -> str:
-    if isinstance(layer, (SkipConnection, Sum)):
-        return type(layer).__name__
     text = repr(layer).split("\n")[0]
     return text if len(text) <= 60 else text[:57] + "..."

@@ -11,14 +11,13 @@ from torch import nn
 
 import lrpkit
 from lrpkit import presets, rules
-from lrpkit.analyzer import leaf_steps
 from lrpkit.plan import Plan
 from lrpkit.tape import owns_memory
 
 
 def _plan(lrp):
     return [(type(s.layer).__name__, lrp.plan[s.index].gated, lrp.plan[s.index].relu_in_place,
-             lrp.plan[s.index].keep_output) for s in leaf_steps(lrp.steps)]
+             lrp.plan[s.index].keep_output) for s in lrp.all_steps if not s.children]
 
 
 def _unplanned(lrp):

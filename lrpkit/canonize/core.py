@@ -136,19 +136,11 @@ def make_chain(entries: list) -> Chain:
     return Chain([layer for _, layer in entries], [name for name, _ in entries])
 
 
-def _unsupported(chain: Chain, path: str = "") -> list[str]:
-    from ..layers import SkipConnection, Sum
+def _unsupported(chain: Chain) -> list[str]:
+    from ..walk import walk
 
-    bad = []
-    for name, layer in zip(chain.names, chain):
-        if isinstance(layer, SkipConnection):
-            bad += _unsupported(layer.inner)
-        elif isinstance(layer, Sum):
-            for branch in layer.branches:
-                bad += _unsupported(branch)
-        elif not is_registered(layer):
-            bad.append(f"  {name or '<model>'}: {type(layer).__module__}.{type(layer).__qualname__}")
-    return bad
+    return [f"  {v.name or '<model>'}: {type(v.layer).__module__}.{type(v.layer).__qualname__}"
+            for v in walk(chain) if not v.is_container and not is_registered(v.layer)]
 
 
 def canonize(model: nn.Module, strip_softmax: bool = False) -> Chain:

@@ -8,22 +8,20 @@ from __future__ import annotations
 import torch
 
 from ..analyzer import resolve_target
-from ..layers import Chain, SelfAttention, SkipConnection, Sum
+from ..layers import Chain, SelfAttention
+from ..walk import run
 
 
 def run_with_attention(chain: Chain, x: torch.Tensor, store: list) -> torch.Tensor:
     """``chain(x)``, appending each block's attention probabilities A (B, heads, N, N) to ``store`` in order."""
-    for layer in chain:
-        if isinstance(layer, SkipConnection):
-            x = x + run_with_attention(layer.inner, x, store)
-        elif isinstance(layer, Sum):
-            x = sum(run_with_attention(branch, x, store) for branch in layer.branches)
-        elif isinstance(layer, SelfAttention):
-            x, attn = layer(x, return_attention=True)
-            store.append(attn)
-        else:
-            x = layer(x)
-    return x
+    def call(layer, x):
+        if not isinstance(layer, SelfAttention):
+            return layer(x)
+        y, attn = layer(x, return_attention=True)
+        store.append(attn)
+        return y
+
+    return run(chain, x, call)
 
 
 def attention_and_gradients(chain: Chain, x: torch.Tensor, target=None, with_grad: bool = True):

@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..analyzer import leaf_steps, build_steps, resolve_target
+from ..analyzer import build_steps, resolve_target
 from ..composites import Composite, FirstLayerTypeMap, GlobalTypeMap
 from ..explanation import Explanation
 from ..layers import (ClassToken, LayerNormalize, PositionalEmbedding, Scale, SelectClassToken, SelfAttention,
@@ -83,9 +83,9 @@ class _CheferExplainer(Explainer):
     def __init__(self, model: nn.Module, composite: Composite | None = None):
         super().__init__(model)
         self.composite = composite if composite is not None else chefer_composite()
-        self.steps = build_steps(self.chain, self.composite)
+        self.steps, every = build_steps(self.chain, self.composite)
         self.plan = Plan(self.steps)
-        self.attention_steps = [s for s in leaf_steps(self.steps) if isinstance(s.layer, SelfAttention)]
+        self.attention_steps = [s for s in every if isinstance(s.layer, SelfAttention)]
         for s in self.attention_steps:
             if not isinstance(s.rule, CheferAttentionRule):
                 raise TypeError(f"{self.name} needs CheferAttentionRule on every SelfAttention layer; the composite "

@@ -33,7 +33,8 @@ from torch import nn
 from .._warnings import warn
 from ..analyzer import resolve_target
 from ..explanation import Explanation
-from ..layers import Chain, SelfAttention, SkipConnection, Sum
+from ..layers import Chain, SelfAttention
+from ..walk import run, walk
 from .base import Explainer
 
 __all__ = ["ViTCX", "constant_maps", "normalize_maps", "cosine_distances", "cluster_masks", "causal_scores",
@@ -139,32 +140,18 @@ class _Captured(Exception):
     pass
 
 
-def _completion_order(chain: Chain, out: list) -> list:
+def _completion_order(chain: Chain) -> list:
     """(name, layer, is_leaf) of every layer in the order their outputs are produced (post-order)."""
-    for name, layer in zip(chain.names, chain):
-        if isinstance(layer, SkipConnection):
-            _completion_order(layer.inner, out)
-        elif isinstance(layer, Sum):
-            for branch in layer.branches:
-                _completion_order(branch, out)
-        out.append((name, layer, not isinstance(layer, (SkipConnection, Sum))))
-    return out
+    return [(v.name, v.layer, not v.is_container) for v in walk(chain, post_order=True)]
 
 
 def _run_capture(chain: Chain, x: torch.Tensor, target: nn.Module, when: str, box: list) -> torch.Tensor:
     """``chain(x)``, storing the input (``when='input'``) or output of ``target`` in ``box``."""
-    for layer in chain:
-        if layer is target and when == "input":
-            box.append(x)
-        if isinstance(layer, SkipConnection):
-            x = x + _run_capture(layer.inner, x, target, when, box)
-        elif isinstance(layer, Sum):
-            x = sum(_run_capture(branch, x, target, when, box) for branch in layer.branches)
-        else:
-            x = layer(x)
-        if layer is target and when == "output":
-            box.append(x)
-    return x
+    def seen(layer, x_in, y):
+        if layer is target:
+            box.append(x_in if when == "input" else y)
+
+    return run(chain, x, seen=seen)
 
 
 def _features_to_grid(feats: torch.Tensor, num_prefix: int, grid: tuple[int, int]) -> torch.Tensor:
@@ -228,7 +215,7 @@ class ViTCX(Explainer):
 
     # -- the feature layer ---------------------------------------------------------------------------------
     def _resolve_layer(self, model, layer):
-        order = _completion_order(self.chain, [])
+        order = _completion_order(self.chain)
         if layer is None:
             attns = [m for _, m, _ in order if isinstance(m, SelfAttention)]
             return attns[-1], "input"
