@@ -114,7 +114,7 @@ def _patch_size(model: nn.Module) -> int | None:
 
 
 def _methods(names, model: nn.Module, prep, method_seed: int, log) -> dict:
-    from .. import catalog
+    from ..app import zoo as catalog
 
     if isinstance(names, str):
         names = [names]
@@ -217,7 +217,7 @@ def run_evaluation(out: str | Path = "lrpkit-out/evaluate", *, model: str | nn.M
 
 
 def _load(model, weights, preprocess):
-    from .. import catalog
+    from ..app import zoo as catalog
 
     if isinstance(model, nn.Module):
         if preprocess is None:

@@ -30,7 +30,7 @@ _EXAMPLES = """examples:
 
 
 def _method_help() -> str:
-    from ..catalog import METHODS
+    from ..zoo import METHODS
 
     lines = ["methods (--method):"] + [f"  {name:<24} {desc}" for name, (desc, _) in METHODS.items()]
     return "\n".join(lines)
@@ -108,7 +108,7 @@ def _check_options(args) -> None:
 def method_names(given: list[str] | None) -> list[str]:
     """The methods asked for, in order and without repeats: ``--method a b``, ``--method a --method b`` and
     ``--method a,b`` all give ``[a, b]``; none gives ``["lrp"]``. Unknown names are an error with suggestions."""
-    from ..catalog import METHODS
+    from ..zoo import METHODS
 
     names: list[str] = []
     for item in given or ["lrp"]:
@@ -177,7 +177,7 @@ def resolve_device(name: str):
     names a device that is not available here and the fix."""
     import torch
 
-    from ..evaluate.distributed import resolve_device as checked_device
+    from ...evaluate.distributed import resolve_device as checked_device
 
     if name == "auto" and not torch.cuda.is_available():
         mps = getattr(torch.backends, "mps", None)
@@ -282,7 +282,7 @@ def run(args) -> int:
     """Run ``lrpkit explain`` for parsed ``args``; returns the exit status (0)."""
     import torch
 
-    from .. import catalog, viz
+    from .. import viz, zoo as catalog
     from ._common import torch_threads
 
     _check_options(args)

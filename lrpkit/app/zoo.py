@@ -22,8 +22,8 @@ from typing import Callable
 import torch
 from torch import nn
 
-from . import methods, presets
-from .analyzer import LRP
+from .. import methods, presets
+from ..analyzer import LRP
 
 __all__ = ["DEMO_MODELS", "TORCHVISION_MODELS", "CROP_MODES", "METHODS", "Preprocess", "load_model",
            "make_method", "model_names_like", "class_names"]
@@ -353,9 +353,9 @@ def make_method(name: str, model: nn.Module, prep: Preprocess, seed: int = 0) ->
         like = difflib.get_close_matches(name, METHODS, n=3)
         hint = f" (did you mean {', '.join(like)}?)" if like else ""
         raise ValueError(f"unknown method {name!r}{hint}; choose from {', '.join(METHODS)}")
-    from .canonize import CanonizationError
-    from .methods.base import NotApplicableError
-    from .rules import IncompatibleRuleError
+    from ..canonize import CanonizationError
+    from ..methods.base import NotApplicableError
+    from ..rules import IncompatibleRuleError
 
     try:
         return METHODS[name][1](model, prep, seed)
