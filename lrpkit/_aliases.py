@@ -20,7 +20,7 @@ import sys
 #: Old module path → where the module lives now. Modules below an old path map the same way
 #: (``lrpkit.commands.explain`` → ``lrpkit.app.commands.explain``).
 ALIASES = {
-    "lrpkit.catalog": "lrpkit.app.zoo",
+    "lrpkit.catalog": "lrpkit.app.catalog",
     "lrpkit.cli": "lrpkit.app.cli",
     "lrpkit.commands": "lrpkit.app.commands",
     "lrpkit.data": "lrpkit.app.data",

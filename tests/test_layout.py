@@ -28,6 +28,7 @@ MOVED = {
     "lrpkit.data": "lrpkit.app.data",
     "lrpkit.models": "lrpkit.app.models",
     "lrpkit.viz": "lrpkit.app.viz",
+    "lrpkit.catalog": "lrpkit.app.catalog",
     "lrpkit.demo": "lrpkit.app.demo",
     "lrpkit.cli": "lrpkit.app.cli",
     "lrpkit.commands": "lrpkit.app.commands",
@@ -78,12 +79,20 @@ def test_the_old_import_statements():
     assert callable(catalog.load_model)
 
 
-def test_catalog_keeps_its_names():
+def test_catalog_keeps_its_names_from_the_three_modules_it_was_split_into():
     from lrpkit import catalog
+    from lrpkit.app import method_registry, preprocess, zoo
 
-    for name in CATALOG_NAMES:
-        assert hasattr(catalog, name), name
-    assert lrpkit.catalog.load_model is catalog.load_model
+    assert sorted(catalog.__all__) == sorted(CATALOG_NAMES)
+    split = {}
+    for module in (preprocess, zoo, method_registry):
+        for name in module.__all__:
+            assert name not in split, f"{name} is in two modules"
+            split[name] = getattr(module, name)
+    assert sorted(split) == sorted(CATALOG_NAMES)
+    for name, obj in split.items():
+        assert getattr(catalog, name) is obj, name
+    assert lrpkit.catalog.load_model is zoo.load_model
 
 
 def test_a_missing_module_below_an_old_path_is_not_found():
