@@ -9,19 +9,45 @@ documented object:
 - a name is resolved like Python scopes, from the object whose docstring holds it outwards
   (``lrpkit.rules.basic.GammaRule`` → ``lrpkit.rules.basic.X`` → ``lrpkit.rules.X`` → ``lrpkit.X``), then, for a
   re-exported name such as ``lrpkit.LRP``, by its last component when exactly one documented object has it;
-- a target that is not documented stays inline code (without the role's name).
+- a target that is not documented stays inline code (without the role's name);
+- an old module path of the application (``lrpkit.data.normalize``) first becomes its new one
+  (``lrpkit.app.data.normalize``), as ``lrpkit/_aliases.py`` maps it at import time.
 """
 
 from __future__ import annotations
 
+import ast
 import bisect
 import re
+from pathlib import Path
 
 ROLE = re.compile(r":(?:class|func|meth|mod|attr|data|exc|obj):<code>(~?)([\w.]+)(\(\))?</code>")
 ANCHOR = re.compile(r'id="(lrpkit(?:\.\w+)+)"')
 
 
+def _read_aliases() -> dict[str, str]:
+    """``ALIASES`` of lrpkit/_aliases.py (old module path → new), read without importing lrpkit."""
+    tree = ast.parse((Path(__file__).resolve().parents[1] / "lrpkit" / "_aliases.py").read_text())
+    for node in tree.body:
+        if isinstance(node, (ast.Assign, ast.AnnAssign)):
+            targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+            if any(isinstance(t, ast.Name) and t.id == "ALIASES" for t in targets):
+                return ast.literal_eval(node.value)
+    raise RuntimeError("lrpkit/_aliases.py has no ALIASES")
+
+
+ALIASES = _read_aliases()
+
+
+def _moved(target: str) -> str:
+    for old, new in ALIASES.items():
+        if target == old or target.startswith(old + "."):
+            return new + target[len(old):]
+    return target
+
+
 def _resolve(target: str, scope: str | None, known: set[str], by_name: dict[str, list[str]]) -> str | None:
+    target = _moved(target)
     parts = scope.split(".") if scope else []
     for i in range(len(parts), 0, -1):
         candidate = ".".join(parts[:i] + [target])

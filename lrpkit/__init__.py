@@ -19,8 +19,27 @@ from .layers import (Chain, ClassToken, LayerNormalize, PatchFlatten, Positional
                      SelfAttention, SkipConnection, Sum, TokenMean)
 from .registry import register_rule
 from . import evaluate, methods  # noqa: E402  (after the core they build on)
+from . import _aliases
 
 __version__ = "0.1.0"
+
+# The application lives in lrpkit.app; its modules keep their old paths (lrpkit.data, lrpkit.models, lrpkit.viz,
+# lrpkit.catalog, lrpkit.demo, lrpkit.cli, lrpkit.commands), imported on first use: see lrpkit/_aliases.py.
+_aliases.install()
+_LAZY = ("app",) + tuple(name.rpartition(".")[2] for name in _aliases.ALIASES)
+
+
+def __getattr__(name: str):
+    if name in _LAZY:
+        import importlib
+
+        return importlib.import_module(f"{__name__}.{name}")
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
+
 
 __all__ = [
     "LRP", "analyze", "canonize", "register_canonizer", "register_rule", "CanonizationError", "families",

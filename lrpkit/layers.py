@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Iterator, Sequence
 
 import torch
+from einops import rearrange
 from torch import nn
 
 
@@ -229,14 +230,12 @@ class SelfAttention(nn.Module):
 
     def split_heads(self, t: torch.Tensor) -> torch.Tensor:
         """(B, N, H·d) -> (B, H, N, d)."""
-        b, n, _ = t.shape
-        return t.view(b, n, self.num_heads, -1).transpose(1, 2)
+        return rearrange(t, "b n (h d) -> b h n d", h=self.num_heads)  # a view of t, as t.view(...).transpose(1, 2)
 
     @staticmethod
     def merge_heads(t: torch.Tensor) -> torch.Tensor:
         """(B, H, N, d) -> (B, N, H·d)."""
-        b, h, n, d = t.shape
-        return t.transpose(1, 2).reshape(b, n, h * d)
+        return rearrange(t, "b h n d -> b n (h d)")  # as t.transpose(1, 2).reshape(...): a copy unless t allows a view
 
     def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """q, k (normalised) and v, each (B, H, N, d)."""

@@ -1,6 +1,6 @@
-"""Train the demo ViT and CNN on lrpkit.data and write their weights and configs to lrpkit/weights/.
+"""Train the demo ViT and CNN on lrpkit.data and write their weights and configs to lrpkit/app/weights/.
 
-    uv run python scripts/train_demo.py [--model vit|cnn|both] [--out lrpkit/weights]
+    uv run python scripts/train_demo.py [--model vit|cnn|both] [--out lrpkit/app/weights]
 
 Seeded and CPU-only (2 threads unless --threads 1). Training images come from stream ``--train-seed`` (indices
 0..n-1), augmented by the 8 flips/rotations of the square (every class is invariant under them); the held-out
@@ -106,7 +106,7 @@ def train(name: str, data, held_out, seed: int, out: Path, steps: int | None = N
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["vit", "cnn", "both"], default="both")
-    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "lrpkit" / "weights")
+    p.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "lrpkit" / "app" / "weights")
     p.add_argument("--n-train", type=int, default=12000)
     p.add_argument("--n-eval", type=int, default=2000)
     p.add_argument("--train-seed", type=int, default=0)

@@ -7,8 +7,7 @@ import torch
 from PIL import Image
 
 from lrpkit import catalog, data
-
-WEIGHTS = catalog.Path(catalog.__file__).resolve().parent / "weights"
+from lrpkit.models import WEIGHTS_DIR as WEIGHTS
 
 
 @pytest.fixture(scope="module")

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from lrpkit import catalog, cli
+from lrpkit.app import method_registry
 
 MAKE_METHOD = catalog.make_method
 
@@ -54,13 +55,13 @@ def test_interrupt_then_resume(tmp_path, capsys, monkeypatch):
 
         return explain
 
-    monkeypatch.setattr(catalog, "make_method", make)
+    monkeypatch.setattr(method_registry, "make_method", make)
     args = ["--n", 3, "--method", "gradient", "--batch-size", 1, "--out", tmp_path, "--quiet"]
     assert evaluate(*args) == 130
     assert "interrupted; the finished images are saved" in capsys.readouterr().err
     assert calls == {"gradient": 2}
     calls.clear()
-    monkeypatch.setattr(catalog, "make_method", MAKE_METHOD)
+    monkeypatch.setattr(method_registry, "make_method", MAKE_METHOD)
     assert evaluate(*args) == 0
     assert "1 pairs computed in this run, 2 found in" in capsys.readouterr().out
 

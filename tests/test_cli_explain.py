@@ -13,8 +13,7 @@ from PIL import Image
 from lrpkit import catalog, cli
 from lrpkit.commands import explain
 from lrpkit.data import make_dataset
-
-WEIGHTS = Path(catalog.__file__).resolve().parent / "weights"
+from lrpkit.models import WEIGHTS_DIR as WEIGHTS
 
 
 def save_image(x01: torch.Tensor, path: Path) -> Path:

@@ -16,7 +16,7 @@ import sys
 
 import pytest
 
-from lrpkit import catalog
+from lrpkit.app import method_registry
 from lrpkit.evaluate.runner import run_evaluation
 
 METHODS = ["gradient", "rollout"]
@@ -78,7 +78,7 @@ def _worker(rank, world, port, out, fail_rank, queue):
     os.environ.update(WORLD_SIZE=str(world), RANK=str(rank), LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     if rank == fail_rank:
-        real = catalog.make_method
+        real = method_registry.make_method
 
         def make(name, model, prep, seed=0):
             explainer = real(name, model, prep, seed)
@@ -92,7 +92,7 @@ def _worker(rank, world, port, out, fail_rank, queue):
 
             return explain
 
-        catalog.make_method = make
+        method_registry.make_method = make  # where the runner looks it up
     try:
         res = run_evaluation(out, n=4, methods=["gradient"], batch_size=1, device="cpu")
         queue.put((rank, "ok", res.computed))

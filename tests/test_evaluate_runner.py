@@ -12,6 +12,7 @@ import torch
 from PIL import Image
 
 from lrpkit import catalog, data, evaluate, methods
+from lrpkit.app import method_registry
 from lrpkit.evaluate import runner
 from lrpkit.evaluate.distributed import resolve_device, shard
 from lrpkit.evaluate.report import format_summary, summarize
@@ -162,7 +163,7 @@ def test_rows_do_not_depend_on_the_batch_for_seeded_methods(tmp_path):
 
 # ------------------------------------------------------------------------------------------- resuming
 class Counting:
-    """Wraps catalog.make_method: counts the images each method explains and can fail after some of them."""
+    """Wraps make_method (in lrpkit.app.method_registry, where the runner looks it up): counts the images each method explains and can fail after some of them."""
 
     def __init__(self, monkeypatch, fail_method=None, fail_after=None, exc=RuntimeError):
         self.calls: dict[str, int] = {}
@@ -181,7 +182,7 @@ class Counting:
 
             return explain
 
-        monkeypatch.setattr(catalog, "make_method", make)
+        monkeypatch.setattr(method_registry, "make_method", make)
 
 
 def test_resume_after_a_crash_recomputes_nothing(tmp_path, monkeypatch):

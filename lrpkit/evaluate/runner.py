@@ -111,7 +111,7 @@ def _patch_size(model: nn.Module) -> int | None:
 
 
 def _methods(names, model: nn.Module, prep, method_seed: int, log) -> dict:
-    from .. import catalog
+    from ..app import method_registry
 
     if isinstance(names, str):
         names = [names]
@@ -119,20 +119,20 @@ def _methods(names, model: nn.Module, prep, method_seed: int, log) -> dict:
         names = list(family_of(model).methods)
         skip_inapplicable = True
     elif list(names) == ["all"]:
-        names, skip_inapplicable = list(catalog.METHODS), True
+        names, skip_inapplicable = list(method_registry.METHODS), True
     else:
         names, skip_inapplicable = list(names), False
         if "all" in names:
             raise ValueError("'all' cannot be combined with other method names; give --method all alone")
     if len(set(names)) != len(names):
         raise ValueError(f"a method is named twice in {names}")
-    unknown = [n for n in names if n not in catalog.METHODS]
+    unknown = [n for n in names if n not in method_registry.METHODS]
     if unknown:
-        catalog.make_method(unknown[0], model, prep, method_seed)  # raises the catalog's error with suggestions
+        method_registry.make_method(unknown[0], model, prep, method_seed)  # the registry's error, with suggestions
     built = {}
     for n in names:
         try:
-            built[n] = catalog.make_method(n, model, prep, method_seed)
+            built[n] = method_registry.make_method(n, model, prep, method_seed)
         except ValueError as err:
             if not skip_inapplicable:
                 raise
@@ -176,13 +176,13 @@ def run_evaluation(out: str | Path = "lrpkit-out/evaluate", *, model: str | nn.M
                    log: Callable[[str], None] | None = None) -> EvaluationResult:
     """Evaluate explainers over images and write the results to ``out`` (see the module docstring).
 
-    - ``model``: a name for :func:`lrpkit.catalog.load_model` (with ``weights``; a timm/torchvision model without
+    - ``model``: a name for :func:`lrpkit.app.zoo.load_model` (with ``weights``; a timm/torchvision model without
       weights is built with ``torch.manual_seed(0)`` so that every process and every rerun gets the same random
-      weights), or an ``nn.Module`` with ``preprocess`` (a :class:`~lrpkit.catalog.Preprocess`); a module is
+      weights), or an ``nn.Module`` with ``preprocess`` (a :class:`~lrpkit.app.preprocess.Preprocess`); a module is
       copied, never modified.
-    - ``methods``: names of :data:`lrpkit.catalog.METHODS`; None for the defaults (:data:`DEFAULT_METHODS_VIT` or
-      :data:`DEFAULT_METHODS_CNN`), ``"all"`` for every method that applies to the model. SmoothGrad and ViT-CX
-      are built with ``method_seed``.
+    - ``methods``: names of :data:`lrpkit.app.method_registry.METHODS`; None for the defaults
+      (:data:`DEFAULT_METHODS_VIT` or :data:`DEFAULT_METHODS_CNN`), ``"all"`` for every method that applies to the
+      model. SmoothGrad and ViT-CX are built with ``method_seed``.
     - images: ``data`` (an :class:`~lrpkit.evaluate.sources.ImageFolder`) or, without it, ``n`` generated images
       of stream ``seed`` at the model's input size.
     - ``batch_size`` images per explainer call; ``patch_size``: the perturbation region (default: the ViT's
@@ -214,7 +214,7 @@ def run_evaluation(out: str | Path = "lrpkit-out/evaluate", *, model: str | nn.M
 
 
 def _load(model, weights, preprocess):
-    from .. import catalog
+    from ..app import zoo
 
     if isinstance(model, nn.Module):
         if preprocess is None:
@@ -226,7 +226,7 @@ def _load(model, weights, preprocess):
         raise TypeError(f"model must be a name or an nn.Module, got {type(model).__name__}")
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
-        module, prep = catalog.load_model(model, weights)
+        module, prep = zoo.load_model(model, weights)
     return model, module, preprocess or prep
 
 

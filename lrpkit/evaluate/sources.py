@@ -44,7 +44,7 @@ class GeneratedImages:
         return {"source": "generated", "seed": self.seed, "size": self.size}
 
     def load(self, indices: list[int]) -> Batch:
-        from .. import data
+        from ..app import data
 
         samples = [data.make_sample(i, seed=self.seed, size=self.size) for i in indices]
         return Batch(torch.stack([s.image for s in samples]), torch.stack([s.mask for s in samples]),

@@ -30,7 +30,7 @@ _EXAMPLES = """examples:
 
 
 def _method_help() -> str:
-    from ..catalog import METHODS
+    from ..method_registry import METHODS
 
     lines = ["methods (--method):"] + [f"  {name:<24} {desc}" for name, (desc, _) in METHODS.items()]
     return "\n".join(lines)
@@ -108,7 +108,7 @@ def _check_options(args) -> None:
 def method_names(given: list[str] | None) -> list[str]:
     """The methods asked for, in order and without repeats: ``--method a b``, ``--method a --method b`` and
     ``--method a,b`` all give ``[a, b]``; none gives ``["lrp"]``. Unknown names are an error with suggestions."""
-    from ..catalog import METHODS
+    from ..method_registry import METHODS
 
     names: list[str] = []
     for item in given or ["lrp"]:
@@ -177,7 +177,7 @@ def resolve_device(name: str):
     names a device that is not available here and the fix."""
     import torch
 
-    from ..evaluate.distributed import resolve_device as checked_device
+    from ...evaluate.distributed import resolve_device as checked_device
 
     if name == "auto" and not torch.cuda.is_available():
         mps = getattr(torch.backends, "mps", None)
@@ -282,7 +282,7 @@ def run(args) -> int:
     """Run ``lrpkit explain`` for parsed ``args``; returns the exit status (0)."""
     import torch
 
-    from .. import catalog, viz
+    from .. import method_registry, viz, zoo
     from ._common import torch_threads
 
     _check_options(args)
@@ -297,12 +297,12 @@ def run(args) -> int:
         raise FileNotFoundError(f"labels file not found: {args.labels}")
 
     torch.manual_seed(args.seed)  # the random weights of a model given without --weights
-    model, prep = catalog.load_model(args.model, args.weights, args.num_classes)
-    if args.weights is None and args.model not in catalog.DEMO_MODELS:
+    model, prep = zoo.load_model(args.model, args.weights, args.num_classes)
+    if args.weights is None and args.model not in zoo.DEMO_MODELS:
         print(f"note: no --weights given: {args.model} has random weights (seed {args.seed}); nothing is "
               f"downloaded", file=sys.stderr)
     model = model.to(device)
-    explainers = {name: catalog.make_method(name, model, prep, args.seed) for name in methods}
+    explainers = {name: method_registry.make_method(name, model, prep, args.seed) for name in methods}
 
     names = output_names(paths)
     labels = None
@@ -320,7 +320,7 @@ def run(args) -> int:
         if start == 0:
             num_classes = logits.shape[1]
             labels = (read_labels(args.labels, num_classes) if args.labels
-                      else catalog.class_names(args.model, model))
+                      else zoo.class_names(args.model, model))
             if labels is not None and len(labels) != num_classes:
                 labels = None
             target_index = resolve_target(args.target, num_classes, labels, args.model)

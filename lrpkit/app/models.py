@@ -1,6 +1,6 @@
 """Demo models trained on :mod:`lrpkit.data`, and a safe local weight loader.
 
-The shipped weights live in ``lrpkit/weights/``: for each model ``NAME.safetensors`` (the state dict) and
+The shipped weights live in ``lrpkit/app/weights/``: for each model ``NAME.safetensors`` (the state dict) and
 ``NAME.json`` (the architecture config and the training record written by ``scripts/train_demo.py``). The JSON
 file is the single source of truth for the architecture; the builders here turn it into a module.
 

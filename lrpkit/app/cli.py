@@ -22,7 +22,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="lrpkit", description="Layer-wise Relevance Propagation for PyTorch.")
     sub = parser.add_subparsers(dest="command", required=True)
     for name in COMMANDS:
-        importlib.import_module(f"lrpkit.commands.{name}").add_parser(sub)
+        importlib.import_module(f"lrpkit.app.commands.{name}").add_parser(sub)
     return parser
 
 

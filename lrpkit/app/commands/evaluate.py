@@ -9,7 +9,7 @@ import time
 
 
 def add_parser(sub) -> None:
-    from ..evaluate.runner import DEFAULT_METHODS_CNN, DEFAULT_METHODS_VIT
+    from ...evaluate.runner import DEFAULT_METHODS_CNN, DEFAULT_METHODS_VIT
 
     parser = sub.add_parser(
         "evaluate", help="score explainers (faithfulness and localisation metrics) over many images",
@@ -50,7 +50,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from ..evaluate.runner import run_evaluation
+    from ...evaluate.runner import run_evaluation
     from ._common import torch_threads
 
     torch_threads(args.threads)

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import torch
 
-from . import data, evaluate, methods, presets, viz
-from .analyzer import LRP
-from .evaluate import report
-from .rules import ZBoxRule
+from .. import evaluate, methods, presets
+from ..analyzer import LRP
+from ..evaluate import report
+from ..rules import ZBoxRule
+from . import data, viz
 
 #: The demo's metrics: those of ``lrpkit evaluate`` (name: (column title, larger is better)) without the MoRF and
 #: LeRF areas, whose difference ABPC is shown.
