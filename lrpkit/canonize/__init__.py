@@ -3,7 +3,8 @@
 ``canonize(model)`` dispatches on the model's type (torchvision VGG/ResNet, timm VisionTransformer, any
 ``nn.Sequential``), flattens nested ``nn.Sequential``, fuses BatchNorm into the preceding Linear/Conv, drops
 Dropout/Identity and makes residual structure explicit. It builds a new module: the user's model is untouched.
-Add a model family with :func:`register_canonizer`.
+Add a model family with a canonizer in a :class:`lrpkit.Registry` (active in a ``with`` block), or process-wide with
+:func:`register_canonizer`.
 """
 
 from .core import CanonizationError, canonize, flatten, join, make_chain, register_canonizer
