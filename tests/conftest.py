@@ -21,8 +21,10 @@ def isolated_global_state():
         dict(os.environ)
     with registry.isolated():
         yield
-    torch.set_default_dtype(dtype)
-    torch.set_num_threads(threads)
+    if torch.get_default_dtype() != dtype:
+        torch.set_default_dtype(dtype)
+    if torch.get_num_threads() != threads:  # e.g. the CLI's --threads, run in-process
+        torch.set_num_threads(threads)
     torch.set_grad_enabled(grad)
     if os.environ != environ:
         os.environ.clear()
