@@ -5,11 +5,11 @@ module to the canonizer registered for its type; composites start from the regis
 
 A :class:`Registry` holds rules and canonizers by type. Registrations apply where they are made:
 
-- for one analyzer: ``LRP(model, composite, registry=Registry().rule(MyLayer, MyRule()))``;
 - in a block: ``with lrpkit.registered(rules={MyLayer: MyRule()}):`` (or ``with registry:``); blocks nest, and
   leaving one restores what was active before, also on an exception;
 - process-wide: :func:`register_rule` and :func:`register_canonizer` outside any block add to :data:`GLOBAL`,
-  which also holds lrpkit's built-in defaults.
+  which also holds lrpkit's built-in defaults;
+- for one analyzer: :func:`scope` holds a registry around the analyzer's canonization and rule assignment.
 
 A lookup reads the active registries as one: the nearest class in the type's MRO wins, and for the same class the
 innermost registration wins (a block overrides what it registers, and only that). The active blocks are held in a
