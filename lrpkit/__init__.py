@@ -17,7 +17,7 @@ from .composites import (Composite, FirstLayerMap, FirstLayerTypeMap, GlobalMap,
 from .explanation import Accounting, Explanation
 from .layers import (Chain, ClassToken, LayerNormalize, PatchFlatten, PositionalEmbedding, Scale, SelectClassToken,
                      SelfAttention, SkipConnection, Sum, TokenMean)
-from .registry import register_rule
+from .registry import Registry, register_rule, registered
 from . import evaluate, methods  # noqa: E402  (after the core they build on)
 from . import _aliases
 
@@ -42,8 +42,8 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "LRP", "analyze", "canonize", "register_canonizer", "register_rule", "CanonizationError", "families",
-    "Family", "register_family",
+    "LRP", "analyze", "canonize", "register_canonizer", "register_rule", "Registry", "registered", "CanonizationError",
+    "families", "Family", "register_family",
     "Explanation", "Accounting", "composites", "presets", "rules", "layers", "methods", "evaluate",
     "Composite", "GlobalMap", "GlobalTypeMap", "FirstLayerMap", "FirstLayerTypeMap", "LastLayerMap",
     "LastLayerTypeMap", "RangeMap", "RangeTypeMap", "NameMap",

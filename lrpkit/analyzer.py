@@ -17,6 +17,7 @@ from .canonize import canonize
 from .composites import Composite, format_table
 from .explanation import Explanation
 from .families import family_of
+from .registry import Registry, scope
 from .layers import Chain
 from .accounting import AccountingObserver, LayerwiseObserver
 from .plan import Plan
@@ -99,19 +100,23 @@ class LRP:
     """
 
     @outside_inference_mode
-    def __init__(self, model: nn.Module, composite: Composite | None = None, *, strip_softmax: bool = False):
-        warn_if_training(model, "lrpkit", stacklevel=3)  # user → wrapper → __init__
-        self.chain = canonize(model, strip_softmax=strip_softmax)
-        self.family = family_of(model)
-        self.composite = composite if composite is not None else self.family.composite(self.chain)
-        self.steps, self.all_steps = build_steps(self.chain, self.composite)
+    def __init__(self, model: nn.Module, composite: Composite | None = None, *, strip_softmax: bool = False,
+                 registry: Registry | None = None):
+        warn_if_training(model, "lrpkit")
+        self.registry = registry  # rules, canonizers and families for this analyzer only (lrpkit.Registry)
+        with scope(registry):
+            self.chain = canonize(model, strip_softmax=strip_softmax)
+            self.family = family_of(model)
+            self.composite = composite if composite is not None else self.family.composite(self.chain)
+            self.steps, self.all_steps = build_steps(self.chain, self.composite)
+            self.patch_size = self.family.geometry(model, self.chain).patch_size
         self.plan = Plan(self.steps)
-        self.patch_size = self.family.geometry(model, self.chain).patch_size
         self.dtype, self.device = dtype_device(self.chain)
 
     def table(self) -> str:
         """Which rule lands on which layer: index, path in the chain, module name, layer, rule."""
-        return format_table(self.composite.assign(self.chain))
+        with scope(self.registry):
+            return format_table(self.composite.assign(self.chain))
 
     # -- input checks -------------------------------------------------------------------------------------
     def _check_input(self, x) -> None:
@@ -170,6 +175,7 @@ def output_relevance(output: torch.Tensor, target, R, normalize_output: bool) ->
 
 
 def analyze(model: nn.Module, x: torch.Tensor, composite: Composite | None = None, target=None, *,
-            strip_softmax: bool = False, **kwargs) -> Explanation:
-    """One-off LRP: ``LRP(model, composite)(x, target, **kwargs)``. For many calls build the :class:`LRP` once."""
-    return LRP(model, composite, strip_softmax=strip_softmax)(x, target, **kwargs)
+            strip_softmax: bool = False, registry: Registry | None = None, **kwargs) -> Explanation:
+    """One-off LRP: ``LRP(model, composite, registry=registry)(x, target, **kwargs)``. For many calls build the
+    :class:`LRP` once."""
+    return LRP(model, composite, strip_softmax=strip_softmax, registry=registry)(x, target, **kwargs)

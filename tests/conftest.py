@@ -1,10 +1,58 @@
-"""Shared fixtures: the 2-input/2-output Linear of the hand-derived rule cases and a one-layer LRP helper."""
+"""Shared fixtures: the 2-input/2-output Linear of the hand-derived rule cases and a one-layer LRP helper; every
+test's isolation from the others (registries, torch's global state, environment, random seeds)."""
+
+import os
+import zlib
 
 import pytest
 import torch
 from torch import nn
 
 import lrpkit
+from lrpkit import registry
+
+
+@pytest.fixture(autouse=True)
+def isolated_global_state():
+    """Every test leaves the process as it found it, whatever order the tests run in (pytest-randomly): the
+    process-wide rule and canonizer registries and the active registry scopes, torch's default dtype, thread count
+    and grad mode, and the environment variables. (pytest restores the warnings filters itself.)"""
+    dtype, threads, grad, environ = torch.get_default_dtype(), torch.get_num_threads(), torch.is_grad_enabled(), \
+        dict(os.environ)
+    with registry.isolated():
+        yield
+    if torch.get_default_dtype() != dtype:
+        torch.set_default_dtype(dtype)
+    if torch.get_num_threads() != threads:  # e.g. the CLI's --threads, run in-process
+        torch.set_num_threads(threads)
+    torch.set_grad_enabled(grad)
+    if os.environ != environ:
+        os.environ.clear()
+        os.environ.update(environ)
+
+
+def _seed_torch(item, offset: int) -> None:
+    """Seed torch's global generator for this test, as pytest-randomly seeds ``random`` and numpy (it does not seed
+    torch): from the run's seed (``--randomly-seed``; 0 with ``-p no:randomly``) and the test's id, so that a test
+    draws the same numbers whatever ran before it, and a run is reproduced by its seed."""
+    base = item.config.getoption("randomly_seed", default=0)
+    base = base if isinstance(base, int) else 0
+    torch.manual_seed((base + zlib.crc32(item.nodeid.encode()) + offset) % 2**32)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_setup(item):
+    _seed_torch(item, -1)  # before the fixtures: a module-scoped model built in this test's setup
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_call(item):
+    _seed_torch(item, 0)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_runtest_teardown(item):
+    _seed_torch(item, 1)
 
 
 @pytest.fixture

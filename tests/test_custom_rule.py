@@ -78,6 +78,7 @@ class Mix(nn.Module):
 
 
 def test_custom_layer_register_rule():
+    # process-wide registration (the autouse fixture of conftest.py restores the registries after the test)
     M = torch.tensor([[2.0, 1.0], [-1.0, 3.0]])  # y_j = Σ_i x_i M_ij, i.e. M = Wᵀ: y = [5, 6] for x = [3, 1]
     model = nn.Sequential(Mix(M)).eval()
     with pytest.raises(lrpkit.CanonizationError, match=r"0: .*Mix[\s\S]*register_rule"):
@@ -99,10 +100,12 @@ def test_custom_layer_register_rule():
 
 def test_custom_layer_inside_a_model():
     torch.manual_seed(0)
-    lrpkit.register_rule(Mix, lrpkit.rules.EpsilonRule(epsilon=1e-9))
     model = nn.Sequential(nn.Linear(4, 2, bias=False), nn.ReLU(), Mix(torch.randn(2, 2)), nn.Linear(2, 3)).eval()
-    expl = lrpkit.analyze(model, torch.rand(2, 4), lrpkit.Composite(lrpkit.GlobalMap(lrpkit.rules.ZeroRule())))
+    with lrpkit.Registry().rule(Mix, lrpkit.rules.EpsilonRule(epsilon=1e-9)):
+        expl = lrpkit.analyze(model, torch.rand(2, 4), lrpkit.Composite(lrpkit.GlobalMap(lrpkit.rules.ZeroRule())))
     assert expl.relevance.shape == (2, 4) and torch.isfinite(expl.relevance).all()
+    with pytest.raises(lrpkit.CanonizationError, match="Mix"):  # the registration ended with the block
+        lrpkit.canonize(model)
 
 
 class Softsign2(nn.Module):
@@ -114,12 +117,14 @@ class Softsign2(nn.Module):
 
 def test_registered_pass_rule_may_be_mapped_by_a_composite():
     # PassRule on a custom layer: registered as its default, a composite may map another PassRule onto it too
-    lrpkit.register_rule(Softsign2, lrpkit.rules.PassRule())
     model = nn.Sequential(Softsign2()).eval()
     composite = lrpkit.Composite(lrpkit.GlobalTypeMap({Softsign2: lrpkit.rules.PassRule()}))
-    # an element-wise activation: R = [5, 12] passes through unchanged, R_in = [5, 12]
-    expl = lrpkit.analyze(model, A, composite, R=torch.tensor([[5.0, 12.0]]))
+    with lrpkit.registered(rules={Softsign2: lrpkit.rules.PassRule()}):
+        # an element-wise activation: R = [5, 12] passes through unchanged, R_in = [5, 12]
+        expl = lrpkit.analyze(model, A, composite, R=torch.tensor([[5.0, 12.0]]))
     torch.testing.assert_close(expl.relevance, torch.tensor([[5.0, 12.0]]))
+    # outside the block the layer is unknown again, and PassRule no longer accepts it
+    assert not lrpkit.rules.PassRule().accepts(Softsign2())
     # an unregistered layer type is refused, and the message lists what PassRule handles (not Linear)
     with pytest.raises(lrpkit.rules.IncompatibleRuleError, match="PassRule.*ReLU") as err:
         lrpkit.rules.PassRule().check(nn.Linear(2, 2))

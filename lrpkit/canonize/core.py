@@ -3,17 +3,12 @@
 from __future__ import annotations
 
 import copy
-from typing import Callable
 
 import torch
 from torch import nn
 
 from ..layers import Chain
-from ..registry import is_registered
-
-# a canonizer maps (module, path) to a list of (name, layer) entries of the flat chain
-Canonizer = Callable[[nn.Module, str], list]
-_CANONIZERS: dict[type, Canonizer] = {}
+from ..registry import Canonizer, canonizer_for as _canonizer_for, is_registered, register_canonizer  # noqa: F401
 
 DROPPED = (nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Identity)
 BATCHNORMS = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
@@ -23,19 +18,6 @@ SOFTMAXES = (nn.Softmax, nn.LogSoftmax, nn.Softmax2d)
 
 class CanonizationError(TypeError):
     """The model contains something canonization cannot turn into explicit layers."""
-
-
-def register_canonizer(model_type: type, fn: Canonizer) -> None:
-    """Teach :func:`canonize` a module type: ``fn(module, path)`` returns the flat list of ``(name, layer)``
-    entries that compute the module's forward. Use :func:`flatten` inside it for sub-modules."""
-    _CANONIZERS[model_type] = fn
-
-
-def _canonizer_for(module: nn.Module) -> Canonizer | None:
-    for cls in type(module).__mro__:
-        if cls in _CANONIZERS:
-            return _CANONIZERS[cls]
-    return None
 
 
 def copy_layer(layer: nn.Module) -> nn.Module:

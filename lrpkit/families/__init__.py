@@ -18,7 +18,7 @@ from typing import Callable
 
 from torch import nn
 
-from ..canonize.core import register_canonizer
+from ..registry import active
 
 
 @dataclass(frozen=True)
@@ -71,26 +71,21 @@ class Family:
             raise TypeError(f"Family {self.name!r} needs callables composite(chain) and geometry(model, chain)")
 
 
-_FAMILIES: list[Family] = []
-
-
 def register_family(family: Family) -> Family:
-    """Make ``family`` known: its canonizers are registered (:func:`lrpkit.canonize.register_canonizer`) and
-    :func:`family_of` answers with it for its types. A family registered later wins over one registered earlier
-    for the same type."""
-    if not isinstance(family, Family):
-        raise TypeError(f"register_family needs a lrpkit.families.Family, got {type(family).__name__}")
-    for model_type, fn in family.canonizers.items():
-        register_canonizer(model_type, fn)
-    _FAMILIES.insert(0, family)
+    """Make ``family`` known: its canonizers are registered and :func:`family_of` answers with it for its types
+    (a family registered later wins for the same type). Like :func:`lrpkit.register_rule` this is process-wide
+    outside a ``with`` block and adds to the innermost block inside one; ``lrpkit.Registry().family(f)`` keeps it
+    to a block or one analyzer."""
+    active()[-1].family(family)
     return family
 
 
 def family_of(model: nn.Module) -> Family:
-    """The family of ``model``: the registered family whose types it is an instance of, else ``generic``."""
-    for family in _FAMILIES:
-        if family.types and isinstance(model, family.types):
-            return family
+    """The family of ``model`` in the active registries (the innermost block first), else :data:`GENERIC`."""
+    for registry in reversed(active()):
+        for family in registry.families:
+            if isinstance(model, family.types):
+                return family
     return GENERIC
 
 
