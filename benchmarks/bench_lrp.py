@@ -4,6 +4,10 @@
     uv run python benchmarks/bench_lrp.py --suite vit    # vit_base_patch16_224: CPLRP (ε), CPLRP (γ on Linear)
 
 Random weights (nothing is downloaded); batch 1 and 8 by default; ``--device cuda`` on a GPU machine.
+``--against REV`` also times the package as it was at git revision REV (benchmarks/reference.py) in the same rounds,
+so that a change is measured old against new in one interleaved run:
+
+    uv run python benchmarks/bench_lrp.py --suite cnn --against c5a6677
 Targets (issues 2 and 3): ε-only ≤ 1.15× (CNN) / ≤ 1.2× (ViT), EpsilonPlusFlat ≤ 1.6×, CPLRP with γ ≤ 2×,
 peak memory ≤ 1.5× the input gradient's.
 """
@@ -21,6 +25,7 @@ sys.path.insert(0, os.path.dirname(__file__))
 import harness  # noqa: E402
 
 import lrpkit  # noqa: E402
+from reference import load_reference  # noqa: E402
 from lrpkit.composites import Composite, GlobalMap  # noqa: E402
 from lrpkit.rules import EpsilonRule  # noqa: E402
 
@@ -42,20 +47,24 @@ def build_model(name: str):
     return harness.freeze(model)
 
 
-def composite(name: str):
+def composite(name: str, pkg=lrpkit):
     if name == "epsilon":
-        return Composite(GlobalMap(EpsilonRule()))
+        return pkg.composites.Composite(pkg.composites.GlobalMap(pkg.rules.EpsilonRule()))
     if name == "CPLRP":
-        return lrpkit.presets.CPLRP()
+        return pkg.presets.CPLRP()
     if name == "CPLRP-gamma":
-        return lrpkit.presets.CPLRP(gamma=0.25)
-    return getattr(lrpkit.presets, name)()
+        return pkg.presets.CPLRP(gamma=0.25)
+    return getattr(pkg.presets, name)()
 
 
-def method_fn(model, method: str):
+def method_fn(model, method: str, against: str | None = None):
+    """``gradient``, or LRP with the composite ``method``; ``ref:METHOD`` with the package at revision ``against``."""
     if method == "gradient":
         return harness.input_gradient(model)
-    lrp = lrpkit.LRP(model, composite(method))
+    pkg = lrpkit
+    if method.startswith("ref:"):
+        pkg, method = load_reference(against), method[4:]
+    lrp = pkg.LRP(model, composite(method, pkg))
     return lambda x, target: lrp(x, target).relevance
 
 
@@ -65,9 +74,9 @@ def inputs(batch: int, device: str):
     return x, torch.zeros(batch, dtype=torch.long, device=device)
 
 
-def memory_main(model_name, method, batch, device):
+def memory_main(model_name, method, batch, device, against=None):
     model = build_model(model_name).to(device)
-    fn = method_fn(model, method)
+    fn = method_fn(model, method, against)
     x, t = inputs(int(batch), device)
     print(json.dumps(harness.peak_memory_mib(fn, x, t)))
 
@@ -84,7 +93,8 @@ def main():
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--no-memory", action="store_true")
-    parser.add_argument("--memory", nargs=4, metavar=("MODEL", "METHOD", "BATCH", "DEVICE"), help=argparse.SUPPRESS)
+    parser.add_argument("--against", default=None, help="git revision whose package is timed in the same rounds")
+    parser.add_argument("--memory", nargs="+", metavar="ARG", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -96,18 +106,27 @@ def main():
         if model_name not in models:
             models[model_name] = build_model(model_name).to(args.device)
         model = models[model_name]
-        grad_fn, lrp_fn = method_fn(model, "gradient"), method_fn(model, method)
+        fns = {"gradient": method_fn(model, "gradient"), "LRP": method_fn(model, method)}
+        if args.against:
+            fns["before"] = method_fn(model, "ref:" + method, args.against)
         for batch in args.batch:
             x, t = inputs(batch, args.device)
-            t_grad, t_lrp, ratio = harness.time_pair(grad_fn, lrp_fn, x, t, args.repeats, args.calls, args.warmup)
-            row = {"model": model_name, "method": method, "batch": batch, "gradient s": f"{t_grad:.3f}",
-                   "LRP s": f"{t_lrp:.3f}", "time ratio": f"{ratio:.2f}"}
+            timed = harness.time_rounds(fns, x, t, args.repeats, args.calls, args.warmup)
+            row = {"model": model_name, "method": method, "batch": batch, "gradient s": f"{timed['gradient'][0]:.3f}",
+                   "LRP s": f"{timed['LRP'][0]:.3f}", "time ratio": f"{timed['LRP'][1]:.2f}"}
+            if args.against:
+                row.update({"before s": f"{timed['before'][0]:.3f}", "before ratio": f"{timed['before'][1]:.2f}"})
             if not args.no_memory:
                 script = os.path.abspath(__file__)
+                extra = [args.against] if args.against else []
                 m_grad = harness.memory_in_subprocess(script, [model_name, "gradient", str(batch), args.device])
                 m_lrp = harness.memory_in_subprocess(script, [model_name, method, str(batch), args.device])
                 row.update({"gradient MiB": f"{m_grad:.0f}", "LRP MiB": f"{m_lrp:.0f}",
                             "memory ratio": f"{m_lrp / m_grad:.2f}"})
+                if args.against:
+                    m_old = harness.memory_in_subprocess(script, [model_name, "ref:" + method, str(batch),
+                                                                  args.device] + extra)
+                    row["before memory ratio"] = f"{m_old / m_grad:.2f}"
             rows.append(row)
             print(json.dumps(row), flush=True)
     columns = list(rows[0].keys())

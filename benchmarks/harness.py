@@ -83,6 +83,27 @@ def time_pair(base, fn, x, target, repeats: int = 7, calls: int = 2, warmup: int
             statistics.median(p[1] / p[0] for p in pairs))
 
 
+def time_rounds(fns: dict, x, target, repeats: int = 7, calls: int = 2, warmup: int = 3) -> dict:
+    """:func:`time_pair` for several functions: in each round every function in ``fns`` (name -> fn) in turn.
+    Returns name -> (median seconds, median of the per-round ratios to the first function)."""
+    rounds = []
+    for round_ in range(warmup + repeats):
+        times = {}
+        for name, f in fns.items():
+            for _ in range(calls - 1):
+                f(x, target)
+            _sync(x.device)
+            start = time.perf_counter()
+            f(x, target)
+            _sync(x.device)
+            times[name] = time.perf_counter() - start
+        if round_ >= warmup:
+            rounds.append(times)
+    first = next(iter(fns))
+    return {name: (statistics.median(r[name] for r in rounds), statistics.median(r[name] / r[first] for r in rounds))
+            for name in fns}
+
+
 def _status_kib(field: str) -> int:
     with open("/proc/self/status") as f:
         for line in f:
