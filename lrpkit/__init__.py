@@ -15,8 +15,8 @@ from .families import Family, register_family
 from .composites import (Composite, FirstLayerMap, FirstLayerTypeMap, GlobalMap, GlobalTypeMap, LastLayerMap,
                          LastLayerTypeMap, NameMap, RangeMap, RangeTypeMap)
 from .explanation import Accounting, Explanation
-from .layers import (Chain, ClassToken, LayerNormalize, PatchFlatten, PositionalEmbedding, Scale, SelectClassToken,
-                     SelfAttention, SkipConnection, Sum, TokenMean)
+from .layers import (Chain, ClassToken, LayerNormalize, Multiply, PatchFlatten, PositionalEmbedding, Scale,
+                     SelectClassToken, SelfAttention, SkipConnection, Sum, TokenMean)
 from .registry import Registry, register_rule, registered
 from . import evaluate, methods  # noqa: E402  (after the core they build on)
 from . import _aliases
@@ -48,5 +48,5 @@ __all__ = [
     "Composite", "GlobalMap", "GlobalTypeMap", "FirstLayerMap", "FirstLayerTypeMap", "LastLayerMap",
     "LastLayerTypeMap", "RangeMap", "RangeTypeMap", "NameMap",
     "Chain", "SkipConnection", "Sum", "PatchFlatten", "ClassToken", "PositionalEmbedding", "SelfAttention",
-    "SelectClassToken", "TokenMean", "LayerNormalize", "Scale",
+    "SelectClassToken", "TokenMean", "LayerNormalize", "Scale", "Multiply",
 ]

@@ -43,7 +43,23 @@ class Chain(nn.Module):
         return iter(self.layers)
 
 
-class SkipConnection(nn.Module):
+class Container(nn.Module):
+    """A layer made of branches, each a :class:`Chain` applied to the same input, whose outputs it merges:
+    ``y = merge(a, [f_1(a), ..., f_n(a)])``. Its rule propagates relevance into the branches with their own rules."""
+
+    def chains(self) -> tuple[Chain, ...]:
+        """The branches, in order."""
+        raise NotImplementedError
+
+    def merge(self, x: torch.Tensor, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """The container's output from its input and its branches' outputs."""
+        raise NotImplementedError
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.merge(x, [branch(x) for branch in self.chains()])
+
+
+class SkipConnection(Container):
     """Residual connection ``y = a + f(a)`` with ``f`` an explicit :class:`Chain`.
 
     Its rule (:class:`lrpkit.rules.SkipConnectionRule`) splits the relevance in proportion to the two summands.
@@ -53,11 +69,14 @@ class SkipConnection(nn.Module):
         super().__init__()
         self.inner = inner
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.inner(x)
+    def chains(self) -> tuple[Chain, ...]:
+        return (self.inner,)
+
+    def merge(self, x, outputs):
+        return x + outputs[0]
 
 
-class Sum(nn.Module):
+class Sum(Container):
     """Parallel branches added up, ``y = Σ_i f_i(a)`` (e.g. a ResNet block with a downsampling shortcut).
 
     Its rule (:class:`lrpkit.rules.SumRule`) splits the relevance in proportion to the branch outputs.
@@ -67,11 +86,32 @@ class Sum(nn.Module):
         super().__init__()
         self.branches = nn.ModuleList(branches)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = self.branches[0](x)
-        for branch in self.branches[1:]:
-            out = out + branch(x)
+    def chains(self) -> tuple[Chain, ...]:
+        return tuple(self.branches)
+
+    def merge(self, x, outputs):
+        out = outputs[0]
+        for o in outputs[1:]:
+            out = out + o
         return out
+
+
+class Multiply(Container):
+    """The element-wise product of two branches, ``y = s(a) ⊙ g(a)`` (broadcasting): a squeeze-excitation gate
+    ``x ⊙ σ(W₂ relu(W₁ mean(x)))`` (``signal`` an empty chain, the identity), or a gated linear unit
+    ``act(x W_g) ⊙ (x W_u)``. ``gate`` is the factor that :class:`lrpkit.rules.ProductRule`'s ``gate`` mode
+    holds constant.
+    """
+
+    def __init__(self, signal: Chain, gate: Chain):
+        super().__init__()
+        self.signal, self.gate = signal, gate
+
+    def chains(self) -> tuple[Chain, ...]:
+        return (self.signal, self.gate)
+
+    def merge(self, x, outputs):
+        return outputs[0] * outputs[1]
 
 
 class PatchFlatten(nn.Module):

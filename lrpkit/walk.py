@@ -15,7 +15,7 @@ from typing import Callable, Iterator
 import torch
 from torch import nn
 
-from .layers import Chain, SkipConnection, Sum
+from .layers import Chain, Container, SkipConnection
 
 
 @dataclass(frozen=True)
@@ -43,12 +43,9 @@ class Visit:
 
 
 def branches_of(layer: nn.Module) -> tuple[Chain, ...]:
-    """A container's branches (``(inner,)`` for a SkipConnection), ``()`` for any other layer."""
-    if isinstance(layer, SkipConnection):
-        return (layer.inner,)
-    if isinstance(layer, Sum):
-        return tuple(layer.branches)
-    return ()
+    """A :class:`~lrpkit.layers.Container`'s branches (``(inner,)`` for a SkipConnection), ``()`` for any other
+    layer."""
+    return layer.chains() if isinstance(layer, Container) else ()
 
 
 def walk(chain: Chain, post_order: bool = False) -> Iterator[Visit]:
@@ -72,16 +69,12 @@ def walk(chain: Chain, post_order: bool = False) -> Iterator[Visit]:
 
 
 def run(chain: Chain, x: torch.Tensor, call: Callable | None = None, seen: Callable | None = None) -> torch.Tensor:
-    """``chain(x)``: a SkipConnection as ``x + inner(x)``, a Sum as ``Σ branch(x)``, a leaf as ``call(layer, x)``
-    (default ``layer(x)``); ``seen(layer, input, output)`` after every layer, containers included."""
+    """``chain(x)``: a container as ``merge(x, [run(branch, x) ...])``, a leaf as ``call(layer, x)`` (default
+    ``layer(x)``); ``seen(layer, input, output)`` after every layer, containers included."""
     for layer in chain:
         branches = branches_of(layer)
-        if isinstance(layer, SkipConnection):
-            y = x + run(branches[0], x, call, seen)
-        elif branches:
-            y = run(branches[0], x, call, seen)
-            for branch in branches[1:]:
-                y = y + run(branch, x, call, seen)
+        if branches:
+            y = layer.merge(x, [run(branch, x, call, seen) for branch in branches])
         else:
             y = call(layer, x) if call is not None else layer(x)
         if seen is not None:

@@ -11,7 +11,7 @@ from .base import (ACTIVATION_TYPES, LINEAR_TYPES, NORM_TYPES, POOL_TYPES, RESHA
                    Rule, stabilize)
 from .basic import (AlphaBetaRule, EpsilonRule, FlatRule, GammaRule, GeneralizedGammaRule, PassRule, WSquareRule,
                     ZBoxRule, ZeroRule, ZPlusRule)
-from .structural import SkipConnectionRule, SumRule
+from .structural import ProductRule, SkipConnectionRule, SumRule
 from .terms import Group, Term, TermRule
 from .transformer import (ClassTokenRule, LayerNormRule, PatchFlattenRule, PositionalEmbeddingRule,
                           SelectClassTokenRule, SelfAttentionRule, TokenMeanRule)
@@ -22,6 +22,7 @@ for _t in ACTIVATION_TYPES + RESHAPE_TYPES + (nn.Identity, nn.Dropout):
     register_rule(_t, PassRule())
 register_rule(L.SkipConnection, SkipConnectionRule())
 register_rule(L.Sum, SumRule())
+register_rule(L.Multiply, ProductRule())
 register_rule(L.PatchFlatten, PatchFlattenRule())
 register_rule(L.PositionalEmbedding, PositionalEmbeddingRule())
 register_rule(L.ClassToken, ClassTokenRule())
@@ -34,7 +35,7 @@ register_rule(L.SelfAttention, SelfAttentionRule())
 __all__ = [
     "Rule", "IncompatibleRuleError", "stabilize", "Term", "Group", "TermRule",
     "ZeroRule", "EpsilonRule", "GammaRule", "WSquareRule", "FlatRule", "ZBoxRule", "AlphaBetaRule", "ZPlusRule",
-    "PassRule", "GeneralizedGammaRule", "SkipConnectionRule", "SumRule",
+    "PassRule", "GeneralizedGammaRule", "SkipConnectionRule", "SumRule", "ProductRule",
     "SelfAttentionRule", "PositionalEmbeddingRule", "LayerNormRule", "PatchFlattenRule", "ClassTokenRule",
     "SelectClassTokenRule", "TokenMeanRule",
 ]

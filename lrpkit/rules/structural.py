@@ -1,14 +1,15 @@
-"""Rules for the container layers: residual connections and parallel branches.
+"""Rules for the container layers: residual connections, parallel branches and products of two branches.
 
-Both split the relevance of a sum in proportion to its summands (Montavon et al. 2019, §10.2; zennit's ``Norm``
-rule on its ``Sum`` layer), then propagate each share through its branch with the branch's own rules.
+The first two split the relevance of a sum in proportion to its summands (Montavon et al. 2019, §10.2; zennit's
+``Norm`` rule on its ``Sum`` layer), then propagate each share through its branch with the branch's own rules.
+:class:`ProductRule` holds a gate constant or splits a product uniformly.
 """
 
 from __future__ import annotations
 
 import torch
 
-from ..layers import SkipConnection, Sum
+from ..layers import Multiply, SkipConnection, Sum
 from ..propagate import Record, Step
 from ..traits import Traits
 from .base import Rule, divide, writable
@@ -68,3 +69,44 @@ class SumRule(_SplitRule):
     branch, the inputs' relevances added. Conserves up to the stabiliser."""
 
     accepted = (Sum,)
+
+
+class ProductRule(Rule):
+    """Relevance through :class:`~lrpkit.layers.Multiply`, ``y = s ⊙ g`` (``s`` the signal branch, ``g`` the gate
+    branch, broadcast against each other):
+
+    - ``mode="gate"`` (the default, and what the CNN presets and CP-LRP use): the gate is held constant, as CP-LRP
+      holds attention probabilities constant; ``y`` is then linear in ``s`` and the relevance passes through the
+      signal unchanged, ``R_s = R`` (summed over the dimensions along which ``s`` was broadcast); the gate branch
+      gets none. For a squeeze-excitation block ``x ⊙ σ(g(mean(x)))`` this is ``R_x = R``.
+    - ``mode="uniform"`` (AttnLRP's rule for a product of two signals, Achtibat et al. 2024): half to each factor,
+      ``R_s = R / 2``, ``R_g = R / 2`` (each summed over its broadcast dimensions), each propagated through its
+      branch and the input relevances added. The ε → 0 limit of LRP-ε with the halving (``R_s = s ⊙ ∂y/∂s ⊙
+      R / (2y)``), taken exactly.
+
+    Both conserve: ``Σ R_s + Σ R_g = Σ R``.
+    """
+
+    targets = ()
+    accepted = (Multiply,)
+
+    def __init__(self, mode: str = "gate"):
+        if mode not in ("gate", "uniform"):
+            raise ValueError(f"ProductRule mode must be 'gate' or 'uniform', got {mode!r}")
+        self.mode = mode
+
+    def forward(self, step: Step, x: torch.Tensor, tape) -> Record:
+        x = x.detach()
+        s, g = (tape.forward(branch, x).detach() for branch in step.children)
+        return Record(x, s * g, extras={"shapes": (s.shape, g.shape)})
+
+    def lrp(self, step: Step, rec: Record, R: torch.Tensor, tape) -> torch.Tensor:
+        (signal, gate), (s_shape, g_shape) = step.children, rec.extras["shapes"]
+        if self.mode == "gate":
+            return tape.backward(signal, R.sum_to_size(s_shape))
+        half = R / 2
+        R_in = tape.backward(signal, half.sum_to_size(s_shape))
+        return R_in + tape.backward(gate, half.sum_to_size(g_shape))
+
+    def traits(self, layer) -> Traits:
+        return Traits(output=False)  # lrp reads only the factors' shapes
