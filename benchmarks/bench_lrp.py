@@ -37,10 +37,11 @@ SUITES = {
 
 
 def build_model(name: str):
+    """A model with random weights: ``timm:NAME`` (and any ``vit*`` / ``deit*`` name) from timm, else torchvision."""
     torch.manual_seed(0)
-    if name.startswith("vit") or name.startswith("deit"):
+    if name.startswith(("vit", "deit", "timm:")):
         import timm
-        model = timm.create_model(name, pretrained=False)
+        model = timm.create_model(name.removeprefix("timm:"), pretrained=False)
     else:
         import torchvision
         model = getattr(torchvision.models, name)()
