@@ -23,7 +23,7 @@ def run(lrp, x, **options):
     return tape, tape.backward(lrp.steps, R)
 
 
-X = torch.rand(3, 4, dtype=torch.float64)
+X = torch.rand(3, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
 
 
 def test_relevance_at_keeps_the_input_relevance_of_any_layer():
