@@ -140,6 +140,17 @@ def test_batchnorm_is_fused_and_its_activation_kept():
     assert skips == with_skip
 
 
+def test_batchnormact_in_a_sequential_keeps_its_activation():
+    # BatchNormAct2d is a BatchNorm2d: fused as one, its activation would be lost. Its canonizer keeps it.
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), timm.layers.BatchNormAct2d(4, act_layer=nn.ReLU),
+                                       nn.Conv2d(4, 2, 3))).eval()
+    chain = lrpkit.canonize(model)
+    assert [type(m) for m in chain] == [nn.Conv2d, nn.ReLU, nn.Conv2d]
+    x = torch.randn(2, 3, 9, 9)
+    with torch.no_grad():
+        assert rel_err(chain(x), model(x)) < 1e-5
+
+
 def test_mobilenetv3_pools_before_the_head_convolution():
     model = named("mobilenetv3_large_100")
     chain = lrpkit.canonize(model)
