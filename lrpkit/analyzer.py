@@ -124,7 +124,7 @@ class LRP:
         first = next((s.layer for s in self.all_steps if not s.children), None)
         expected, missing_batch = None, False
         if isinstance(first, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
-            nd = {nn.Conv1d: 3, nn.Conv2d: 4, nn.Conv3d: 5}[type(first)]
+            nd = next(n for t, n in ((nn.Conv1d, 3), (nn.Conv2d, 4), (nn.Conv3d, 5)) if isinstance(first, t))
             if x.ndim != nd or x.shape[1] != first.in_channels:
                 expected = f"(B, {first.in_channels}, " + ", ".join("HWD"[: nd - 2]) + ")"
                 missing_batch = x.ndim == nd - 1 and x.shape[0] == first.in_channels

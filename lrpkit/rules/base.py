@@ -45,6 +45,18 @@ except ImportError:  # pragma: no cover
     pass
 else:
     ACTIVATION_TYPES = ACTIVATION_TYPES + (_TimmGELU, _TimmGELUTanh, _TimmQuickGELU)
+# the gate of MobileNetV3's squeeze-excitation, and timm's own element-wise activations of the EfficientNet /
+# MobileNetV3 family (act_layer='swish', 'hard_swish', gate_layer='sigmoid', 'hard_sigmoid', ...)
+ACTIVATION_TYPES = ACTIVATION_TYPES + (nn.Hardsigmoid,)
+try:
+    from timm.layers import activations as _timm_act, activations_me as _timm_act_me
+except ImportError:  # pragma: no cover
+    pass
+else:
+    ACTIVATION_TYPES = ACTIVATION_TYPES + (
+        _timm_act.Swish, _timm_act.Sigmoid, _timm_act.Tanh, _timm_act.HardSwish, _timm_act.HardSigmoid,
+        _timm_act.Mish, _timm_act.HardMish, _timm_act_me.SwishMe, _timm_act_me.MishMe, _timm_act_me.HardSwishMe,
+        _timm_act_me.HardSigmoidMe, _timm_act_me.HardMishMe)
 
 
 class IncompatibleRuleError(TypeError):
