@@ -308,8 +308,8 @@ def test_epsilon_equals_gradient_times_input_of_the_patched_model(config):
         assert torch.equal(e.target, target)
         deviation[eps] = ((e.relevance - ref).abs().max() / ref.abs().max()).item()
     assert deviation[1e-16] < 1e-11, deviation
-    # the deviation comes from ε: it shrinks with ε (down to float64 round-off)
-    assert 1e3 * deviation[1e-16] > deviation[1e-8] > 1e2 * deviation[1e-16], deviation
+    # the deviation comes from ε and scales with it: ε 1e-8 / 1e-16 = 1e8 (measured 0.99e8 .. 1e8)
+    assert 1e6 < deviation[1e-8] / deviation[1e-16] < 1e10, deviation
 
 
 def test_named_v2_model_equals_the_reference():
