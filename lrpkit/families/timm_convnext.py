@@ -161,7 +161,7 @@ def _block(block: nn.Module, path: str) -> list:
     else:
         inner += ([(join(path, "permute"), Permute((0, 2, 3, 1)))] + _norm(block.norm, join(path, "norm"))
                   + _mlp(block.mlp, join(path, "mlp"), channels_last=True)
-                  + [(join(path, "permute"), Permute((0, 3, 1, 2)))])
+                  + [(join(path, "unpermute"), Permute((0, 3, 1, 2)))])
         if any(isinstance(layer, LayerNormalize) and layer.dim != -1 for _, layer in inner):
             raise _unsupported(f"a LayerNorm2d in the channels-last block {path}")
     if block.gamma is not None:
