@@ -26,7 +26,7 @@ class PermuteRule(Rule):
         return Record(x.detach(), step.layer(x.detach()))
 
     def lrp(self, step, rec, R, tape):
-        return R.permute(step.layer.inverse)
+        return R.permute(step.layer.inverse).contiguous()  # dense: the rules below read it element-wise
 
     def traits(self, layer) -> Traits:
         # a view of the input: nothing to keep or recompute beyond the input's shape
