@@ -383,3 +383,38 @@ def test_finite_for_edge_inputs(preset):
     e = lrpkit.LRP(model, PRESETS[preset]())(batch)
     assert torch.isfinite(e.relevance).all()
     assert all(torch.isfinite(v).all() for v in e.accounting.parts.values())
+
+
+# -- the command line -----------------------------------------------------------------------------------------------
+
+def test_cli_explains_a_named_convnext_with_local_weights(tmp_path, capsys):
+    """``lrpkit explain --model test_convnext --weights w.safetensors``: timm's name, its data config (160 px),
+    the 6-class head from the file, and the saved relevance equal to the Python API's."""
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from lrpkit import catalog, cli
+
+    torch.manual_seed(5)
+    source = perturb(timm.create_model("test_convnext", pretrained=False, num_classes=6).eval())
+    weights = tmp_path / "w.safetensors"
+    save_file(source.state_dict(), str(weights))
+    pixels = (torch.rand(3, 180, 200) * 255).round().to(torch.uint8)
+    picture = tmp_path / "img.png"
+    Image.fromarray(pixels.permute(1, 2, 0).numpy()).save(picture)
+    out = tmp_path / "out"
+    code = cli.main(["explain", str(picture), "--model", "test_convnext", "--weights", str(weights), "--method",
+                     "lrp", "--save-relevance", "npy", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert "random weights" not in captured.err
+    with Image.open(out / "lrp" / "img.png") as png:
+        assert png.size == (160, 160)  # timm's data config of test_convnext
+    model, prep = catalog.load_model("test_convnext", weights)
+    x = prep.normalize(prep.load(picture))[None]
+    assert relative(model(x).detach(), source(x).detach()) < 1e-6  # the weights came from the file
+    expected = catalog.make_method("lrp", model, prep, 0)(x, None)
+    saved = np.load(out / "lrp" / "img.relevance.npy")
+    scale = float(expected.relevance.abs().max())
+    assert np.allclose(saved, expected.relevance[0].numpy(), rtol=1e-4, atol=1e-6 * scale)
