@@ -254,7 +254,8 @@ class Scale(nn.Module):
 
 
 class Permute(nn.Module):
-    """``y = x.permute(dims)``, e.g. (B, C, H, W) -> (B, H, W, C) for a channels-last MLP (timm's ConvNeXt block).
+    """``y = x.permute(dims)`` (made contiguous), e.g. (B, C, H, W) -> (B, H, W, C) for a channels-last MLP (timm's
+    ConvNeXt block).
 
     A pure rearrangement: its rule is the inverse permutation of the relevance."""
 
@@ -271,7 +272,8 @@ class Permute(nn.Module):
         return tuple(inv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x.permute(self.dims)
+        # dense, not a strided view: the norm after it (and its rule) read it along the new last dimension
+        return x.permute(self.dims).contiguous()
 
     def extra_repr(self) -> str:
         return f"dims={self.dims}"
