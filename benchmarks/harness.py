@@ -55,10 +55,10 @@ def time_call(fn, x, target, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def time_pair(base, fn, x, target, repeats: int = 7, calls: int = 2, warmup: int = 3) -> tuple[float, float, float]:
-    """Interleaved timing of ``base`` and ``fn``: ``warmup`` untimed rounds, then ``repeats`` rounds; in each round
-    ``calls`` consecutive calls of ``base``, then of ``fn``, of which only the last is timed. Returns (median seconds
-    of base, median seconds of fn, median of the per-round ratios fn / base).
+def time_rounds(fns: dict, x, target, repeats: int = 7, calls: int = 2, warmup: int = 3) -> dict:
+    """Interleaved timing of the functions in ``fns`` (name -> fn): ``warmup`` untimed rounds, then ``repeats``
+    rounds; in each round, every function in turn is called ``calls`` times in a row, of which only the last is
+    timed. Returns name -> (median seconds, median of the per-round ratios to the first function).
 
     Why rounds: the ratio of two calls made back to back is robust against the slow drifts of a shared machine.
     Why untimed calls first: a call that directly follows the other method finds the heap laid out for that
@@ -66,26 +66,6 @@ def time_pair(base, fn, x, target, repeats: int = 7, calls: int = 2, warmup: int
     peak; a user explaining a thousand images runs one method in its steady state. Why several warm-up rounds:
     the first rounds in a process measured higher ratios than the later ones (ResNet-50 with ε, batch 1 and 8:
     1.16 and 1.14 in the first 7 rounds, 1.09 to 1.11 in each of the next three sets of 7)."""
-    pairs = []
-    for round_ in range(warmup + repeats):
-        times = []
-        for f in (base, fn):
-            for _ in range(calls - 1):
-                f(x, target)
-            _sync(x.device)
-            start = time.perf_counter()
-            f(x, target)
-            _sync(x.device)
-            times.append(time.perf_counter() - start)
-        if round_ >= warmup:
-            pairs.append(times)
-    return (statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs),
-            statistics.median(p[1] / p[0] for p in pairs))
-
-
-def time_rounds(fns: dict, x, target, repeats: int = 7, calls: int = 2, warmup: int = 3) -> dict:
-    """:func:`time_pair` for several functions: in each round every function in ``fns`` (name -> fn) in turn.
-    Returns name -> (median seconds, median of the per-round ratios to the first function)."""
     rounds = []
     for round_ in range(warmup + repeats):
         times = {}
@@ -102,6 +82,12 @@ def time_rounds(fns: dict, x, target, repeats: int = 7, calls: int = 2, warmup: 
     first = next(iter(fns))
     return {name: (statistics.median(r[name] for r in rounds), statistics.median(r[name] / r[first] for r in rounds))
             for name in fns}
+
+
+def time_pair(base, fn, x, target, repeats: int = 7, calls: int = 2, warmup: int = 3) -> tuple[float, float, float]:
+    """:func:`time_rounds` of two functions: (median seconds of base, median seconds of fn, median ratio)."""
+    timed = time_rounds({"base": base, "fn": fn}, x, target, repeats, calls, warmup)
+    return timed["base"][0], timed["fn"][0], timed["fn"][1]
 
 
 def _status_kib(field: str) -> int:

@@ -15,6 +15,7 @@ timm ViT that :func:`lrpkit.canonize` supports with a class token read by the he
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from ..analyzer import build_steps, resolve_target
@@ -133,7 +134,7 @@ class _CheferExplainer(Explainer):
             raise RuntimeError(f"{patches.shape[1]} patch tokens do not fill a {gh}x{gw} grid")
         return Explanation(relevance=None, output=output.detach(), target=t, method=self.name,
                            patch_size=self.patch_size, input_size=tuple(x.shape[-2:]),
-                           token_relevance=patches.reshape(-1, gh, gw).detach(), extras=extras or {})
+                           token_relevance=rearrange(patches, "b (h w) -> b h w", h=gh).detach(), extras=extras or {})
 
 
 class TransformerAttribution(_CheferExplainer):

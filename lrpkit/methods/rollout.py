@@ -26,6 +26,7 @@ The pure functions (:func:`fuse_heads`, :func:`discard_smallest`, :func:`normali
 from __future__ import annotations
 
 import torch
+from einops import rearrange
 
 from ..analyzer import resolve_target
 from ..explanation import Explanation
@@ -134,7 +135,7 @@ def token_map(rows: torch.Tensor, num_prefix: int, grid: tuple[int, int]) -> tor
     gh, gw = grid
     if n - num_prefix != gh * gw:
         raise ValueError(f"{n} tokens minus {num_prefix} prefix tokens do not fill a {gh}x{gw} patch grid")
-    return rows[:, num_prefix:].reshape(b, gh, gw)
+    return rearrange(rows[:, num_prefix:], "b (h w) -> b h w", h=gh, w=gw)
 
 
 def _check_ratio(ratio) -> None:

@@ -27,6 +27,7 @@ import time
 
 import numpy as np
 import torch
+from einops import rearrange
 import torch.nn.functional as F
 from torch import nn
 
@@ -166,7 +167,7 @@ def _features_to_grid(feats: torch.Tensor, num_prefix: int, grid: tuple[int, int
     if n - num_prefix != gh * gw:
         raise ValueError(f"the feature layer gives {n} tokens; minus {num_prefix} prefix tokens they do not fill "
                          f"the {gh}x{gw} patch grid")
-    return feats[:, num_prefix:].reshape(b, gh, gw, d).permute(0, 3, 1, 2)
+    return rearrange(feats[:, num_prefix:], "b (h w) d -> b d h w", h=gh, w=gw)
 
 
 # ---------------------------------------------------------------------------------------------- explainer
