@@ -34,6 +34,7 @@ SUITES = {
             ("vgg16", "EpsilonPlusFlat")],
     "vit": [("vit_base_patch16_224", "CPLRP"), ("vit_base_patch16_224", "CPLRP-gamma")],
     "timm-efficientnet": [("timm:efficientnet_b0", "epsilon"), ("timm:mobilenetv3_large_100", "epsilon")],
+    "timm-convnext": [("timm:convnext_tiny", "epsilon")],
 }
 
 

@@ -205,19 +205,29 @@ class TokenMean(nn.Module):
 
 
 class LayerNormalize(nn.Module):
-    """The normalisation part of LayerNorm over the last dimension: ``y = (x - μ(x)) / σ(x)``,
-    ``σ(x) = sqrt(Var(x) + eps)`` (biased variance). The affine part is a separate :class:`Scale`."""
+    """The normalisation part of LayerNorm over the last dimension (or ``dim``): ``y = (x - μ(x)) / σ(x)``,
+    ``σ(x) = sqrt(Var(x) + eps)`` (biased variance). The affine part is a separate :class:`Scale`.
 
-    def __init__(self, eps: float = 1e-5):
+    ``dim=1`` on a (B, C, H, W) feature map is timm's ``LayerNorm2d`` (LayerNorm over the channels of each
+    position), computed as timm does: moved to the last dimension, normalised, moved back."""
+
+    def __init__(self, eps: float = 1e-5, dim: int = -1):
         super().__init__()
         self.eps = eps
+        self.dim = dim
 
     def sigma(self, x: torch.Tensor) -> torch.Tensor:
-        """``σ(x) = sqrt(Var(x) + eps)`` over the last dimension (biased variance), shape (..., 1)."""
-        return torch.sqrt(x.var(dim=-1, unbiased=False, keepdim=True) + self.eps)
+        """``σ(x) = sqrt(Var(x) + eps)`` over ``dim`` (biased variance), keeping ``dim`` with size 1."""
+        return torch.sqrt(x.var(dim=self.dim, unbiased=False, keepdim=True) + self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.layer_norm(x, x.shape[-1:], eps=self.eps)
+        if self.dim in (-1, x.ndim - 1):
+            return torch.nn.functional.layer_norm(x, x.shape[-1:], eps=self.eps)
+        x = x.movedim(self.dim, -1)
+        return torch.nn.functional.layer_norm(x, x.shape[-1:], eps=self.eps).movedim(-1, self.dim)
+
+    def extra_repr(self) -> str:
+        return f"dim={self.dim}" if self.dim != -1 else ""
 
 
 class Scale(nn.Module):
@@ -241,6 +251,68 @@ class Scale(nn.Module):
         shape = self._shape(x)
         y = x * self.weight.view(shape)
         return y if self.bias is None else y + self.bias.view(shape)
+
+
+class Permute(nn.Module):
+    """``y = x.permute(dims)`` (made contiguous), e.g. (B, C, H, W) -> (B, H, W, C) for a channels-last MLP (timm's
+    ConvNeXt block).
+
+    A pure rearrangement: its rule is the inverse permutation of the relevance."""
+
+    def __init__(self, dims: Sequence[int]):
+        super().__init__()
+        self.dims = tuple(int(d) for d in dims)
+
+    @property
+    def inverse(self) -> tuple[int, ...]:
+        """The permutation that undoes ``dims``."""
+        inv = [0] * len(self.dims)
+        for i, d in enumerate(self.dims):
+            inv[d] = i
+        return tuple(inv)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        # dense, not a strided view: the norm after it (and its rule) read it along the new last dimension
+        return x.permute(self.dims).contiguous()
+
+    def extra_repr(self) -> str:
+        return f"dims={self.dims}"
+
+
+class GlobalResponseNormalize(nn.Module):
+    """Global response normalisation (ConvNeXt V2, timm's ``GlobalResponseNorm``) on a (B, H, W, C) tensor
+    (``channel_dim=-1``) or a (B, C, H, W) one (``channel_dim=1``):
+
+    ``G_c = ‖x_c‖₂`` over the spatial positions, ``N_c = G_c / (mean_c G + eps)``,
+    ``y = x + γ ⊙ (x ⊙ N) + β``.
+
+    With ``N`` held constant (:class:`lrpkit.rules.GlobalResponseNormRule`, as LayerNorm's σ) it is an
+    element-wise affine map of ``x`` with the factor ``1 + γ ⊙ N``."""
+
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-6, channel_dim: int = -1):
+        super().__init__()
+        if channel_dim not in (1, -1):
+            raise ValueError(f"channel_dim must be 1 (B, C, H, W) or -1 (B, H, W, C), got {channel_dim}")
+        self.weight = nn.Parameter(weight.detach().clone(), requires_grad=False)
+        self.bias = nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.eps = eps
+        self.channel_dim = channel_dim
+
+    def _shape(self) -> tuple[int, ...]:
+        return (1, 1, 1, -1) if self.channel_dim == -1 else (1, -1, 1, 1)
+
+    def response(self, x: torch.Tensor) -> torch.Tensor:
+        """``N = G / (mean_c G + eps)``, the normalised response per sample and channel (broadcastable to x)."""
+        spatial = (1, 2) if self.channel_dim == -1 else (2, 3)
+        g = x.norm(p=2, dim=spatial, keepdim=True)
+        return g / (g.mean(dim=self.channel_dim, keepdim=True) + self.eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        shape = self._shape()
+        return x + torch.addcmul(self.bias.view(shape), self.weight.view(shape), x * self.response(x))
+
+    def extra_repr(self) -> str:
+        return f"{self.weight.shape[0]}, eps={self.eps}, channel_dim={self.channel_dim}"
 
 
 class SelfAttention(nn.Module):

@@ -11,6 +11,7 @@ from .base import (ACTIVATION_TYPES, LINEAR_TYPES, NORM_TYPES, POOL_TYPES, RESHA
                    Rule, stabilize)
 from .basic import (AlphaBetaRule, EpsilonRule, FlatRule, GammaRule, GeneralizedGammaRule, PassRule, WSquareRule,
                     ZBoxRule, ZeroRule, ZPlusRule)
+from .convnext import GlobalResponseNormRule, PermuteRule
 from .structural import ProductRule, SkipConnectionRule, SumRule
 from .terms import Group, Term, TermRule
 from .transformer import (ClassTokenRule, LayerNormRule, PatchFlattenRule, PositionalEmbeddingRule,
@@ -31,6 +32,8 @@ register_rule(L.TokenMean, TokenMeanRule())
 register_rule(L.LayerNormalize, LayerNormRule())
 register_rule(L.Scale, EpsilonRule())
 register_rule(L.SelfAttention, SelfAttentionRule())
+register_rule(L.Permute, PermuteRule())
+register_rule(L.GlobalResponseNormalize, GlobalResponseNormRule())
 
 __all__ = [
     "Rule", "IncompatibleRuleError", "stabilize", "Term", "Group", "TermRule",
@@ -38,4 +41,5 @@ __all__ = [
     "PassRule", "GeneralizedGammaRule", "SkipConnectionRule", "SumRule", "ProductRule",
     "SelfAttentionRule", "PositionalEmbeddingRule", "LayerNormRule", "PatchFlattenRule", "ClassTokenRule",
     "SelectClassTokenRule", "TokenMeanRule",
+    "PermuteRule", "GlobalResponseNormRule",
 ]

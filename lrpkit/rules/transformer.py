@@ -100,7 +100,7 @@ class TokenMeanRule(_ClosedFormRule):
 
 class LayerNormRule(_ClosedFormRule):
     """LRP-ε through ``y = (x − μ(x)) / σ`` with σ held constant (Ali et al. 2022): with ``s = R / stab(y)``,
-    ``R_x = x / σ ⊙ (s − mean(s))``. Conserves: ``Σ R_x = Σ (y + μ/σ) s − (Σ x/σ) mean(s) = Σ R`` up to ε."""
+    ``R_x = x / σ ⊙ (s − mean(s))`` (μ, σ and the mean over the layer's normalised dimension). Conserves: ``Σ R_x = Σ (y + μ/σ) s − (Σ x/σ) mean(s) = Σ R`` up to ε."""
 
     accepted = (LayerNormalize,)
 
@@ -113,11 +113,11 @@ class LayerNormRule(_ClosedFormRule):
         return Traits(output=False, output_recomputable=True)
 
     def lrp(self, step, rec, R, tape):
-        x = rec.input
+        x, dim = rec.input, step.layer.dim  # dim: the normalised dimension (-1; 1 for timm's LayerNorm2d)
         sigma = step.layer.sigma(x)
-        y = (x - x.mean(-1, keepdim=True)) / sigma
+        y = (x - x.mean(dim, keepdim=True)) / sigma
         s = divide(R, y, self.epsilon)
-        return x / sigma * (s - s.mean(-1, keepdim=True))
+        return x / sigma * (s - s.mean(dim, keepdim=True))
 
 
 def _linear_rows(linear: nn.Linear, rows: slice) -> nn.Linear:
