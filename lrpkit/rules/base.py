@@ -47,6 +47,16 @@ except ImportError:  # pragma: no cover
     pass
 else:
     ACTIVATION_TYPES = ACTIVATION_TYPES + (_TimmGELU, _TimmGELUTanh, _TimmQuickGELU)
+try:  # timm's own element-wise gates and activations (timm ResNet's SE / ECA gates: timm.layers.activations.Sigmoid)
+    from timm.layers import activations as _timm_act, activations_me as _timm_act_me
+except ImportError:  # pragma: no cover
+    pass
+else:
+    ACTIVATION_TYPES = ACTIVATION_TYPES + tuple(
+        getattr(module, name) for module, names in (
+            (_timm_act, ("Swish", "Mish", "Sigmoid", "Tanh", "HardSwish", "HardSigmoid", "HardMish")),
+            (_timm_act_me, ("SwishMe", "MishMe", "HardSigmoidMe", "HardSwishMe", "HardMishMe")))
+        for name in names if hasattr(module, name))
 
 
 class IncompatibleRuleError(TypeError):
