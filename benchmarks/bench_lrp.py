@@ -33,6 +33,7 @@ SUITES = {
     "cnn": [("resnet50", "epsilon"), ("resnet50", "EpsilonPlusFlat"), ("vgg16", "epsilon"),
             ("vgg16", "EpsilonPlusFlat")],
     "vit": [("vit_base_patch16_224", "CPLRP"), ("vit_base_patch16_224", "CPLRP-gamma")],
+    "timm-resnet": [("timm:resnet50", "epsilon"), ("timm:resnet50", "EpsilonPlusFlat")],
 }
 
 
