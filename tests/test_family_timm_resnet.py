@@ -240,11 +240,26 @@ def test_finite_for_zeros_constants_and_extremes(senext, preset):
 
 # -- command line -----------------------------------------------------------------------------------------------------
 
+def test_timm_prefix_names_timm_models_that_torchvision_has_too():
+    from timm.models.resnet import ResNet
+    from torchvision.models.resnet import ResNet as TorchvisionResNet
+
+    from lrpkit.app import zoo
+
+    timm_model, prep = zoo.load_model("timm:resnet18", num_classes=10)
+    assert isinstance(timm_model, ResNet) and prep.size == (224, 224)
+    assert isinstance(zoo.load_model("resnet18", num_classes=10)[0], TorchvisionResNet)  # unchanged
+    assert isinstance(zoo.load_model("resnet18.a1_in1k", num_classes=10)[0], ResNet)  # a timm tag is timm's
+
+
 def test_cli_explains_a_timm_resnet_with_local_weights(tmp_path, capsys):
+    import csv
+
     from PIL import Image
     from safetensors.torch import save_file
 
     from lrpkit import cli
+    from lrpkit.app import zoo
 
     torch.manual_seed(0)
     source = timm.create_model("resnet18", pretrained=False, num_classes=10).eval()
@@ -253,10 +268,17 @@ def test_cli_explains_a_timm_resnet_with_local_weights(tmp_path, capsys):
     png = tmp_path / "img.png"
     Image.fromarray((torch.rand(96, 128, 3) * 255).byte().numpy()).save(png)
     out = tmp_path / "out"
-    code = cli.main(["explain", str(png), "--model", "resnet18", "--weights", str(weights), "--method", "lrp",
+    code = cli.main(["explain", str(png), "--model", "timm:resnet18", "--weights", str(weights), "--method", "lrp",
                      "--out", str(out)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     assert "random weights" not in captured.err
     with Image.open(out / "lrp" / "img.png") as result:
         assert result.size == (224, 224)  # timm's data config for resnet18: resize, center-crop 224
+    _, prep = zoo.load_model("timm:resnet18")
+    with torch.no_grad():
+        expected = source(prep.normalize(prep.load(png))[None])[0]
+    with (out / "summary.csv").open() as f:
+        row = next(csv.DictReader(f))
+    assert int(row["predicted"]) == int(expected.argmax())  # timm's model with the weights from the file
+    assert float(row["predicted_logit"]) == pytest.approx(float(expected.max()), rel=1e-5, abs=1e-6)
