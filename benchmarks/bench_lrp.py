@@ -35,6 +35,7 @@ SUITES = {
     "vit": [("vit_base_patch16_224", "CPLRP"), ("vit_base_patch16_224", "CPLRP-gamma")],
     "timm-efficientnet": [("timm:efficientnet_b0", "epsilon"), ("timm:mobilenetv3_large_100", "epsilon")],
     "timm-convnext": [("timm:convnext_tiny", "epsilon")],
+    "timm-resnet": [("timm:resnet50", "epsilon"), ("timm:resnet50", "EpsilonPlusFlat")],
 }
 
 

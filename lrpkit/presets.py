@@ -11,18 +11,21 @@ from torch import nn
 
 from .composites import Composite, FirstLayerMap, GlobalTypeMap, LastLayerMap
 from .layers import LayerNormalize, PositionalEmbedding, Scale, SelfAttention, SkipConnection, Sum, TokenMean
-from .rules import (AlphaBetaRule, EpsilonRule, FlatRule, GammaRule, GeneralizedGammaRule, LayerNormRule,
-                    PositionalEmbeddingRule, SelfAttentionRule, SkipConnectionRule, SumRule, TokenMeanRule, ZBoxRule,
-                    ZPlusRule)
+from .rules import (MAXPOOL_TYPES, AlphaBetaRule, EpsilonRule, FlatRule, GammaRule, GeneralizedGammaRule,
+                    LayerNormRule, MaxPoolRule, PositionalEmbeddingRule, SelfAttentionRule, SkipConnectionRule, SumRule,
+                    TokenMeanRule, ZBoxRule, ZPlusRule)
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 AVGPOOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
            nn.AdaptiveAvgPool3d)
+MAXPOOL = MAXPOOL_TYPES
 
 
 def _base(conv_rule, linear_rule, epsilon: float, attention_mode: str = "cp") -> dict:
-    """The type map shared by all presets."""
-    mapping = {AVGPOOL: EpsilonRule(1e-6), nn.Linear: linear_rule, CONV: conv_rule,
+    """The type map shared by all presets. Every stabiliser it assigns is the preset's ``epsilon`` (average,
+    adaptive and global pools, token means, LayerNorm, residual splits); max pooling passes the relevance to its
+    argmax unchanged (:class:`~lrpkit.rules.MaxPoolRule`, no stabiliser), as zennit does."""
+    mapping = {AVGPOOL: EpsilonRule(epsilon), MAXPOOL: MaxPoolRule(), nn.Linear: linear_rule, CONV: conv_rule,
                SelfAttention: SelfAttentionRule(linear_rule, linear_rule, mode=attention_mode, epsilon=epsilon),
                LayerNormalize: LayerNormRule(epsilon), Scale: EpsilonRule(epsilon),
                PositionalEmbedding: PositionalEmbeddingRule(epsilon), TokenMean: TokenMeanRule(epsilon),
@@ -72,7 +75,9 @@ def CPLRP(epsilon: float = 1e-6, gamma: float | None = None, first_layer=None) -
     constant, skip connections split proportionally, LRP-ε on Linear/Conv layers. ``gamma``: LRP-γ (GammaRule) on
     the Linear layers of the blocks (MLP, attention value and output projections); the head keeps LRP-ε.
     ``first_layer``: the rule for the patch projection (default LRP-ε). With ε → 0 and no γ this equals
-    gradient × input of the model with A and σ detached and activations passing relevance unchanged."""
+    gradient × input of the model with A and σ detached and activations passing relevance unchanged; on a CNN
+    (every stabiliser is ``epsilon``, max pooling passes its relevance to the argmax) gradient × input of the model
+    with its activations passing relevance unchanged (tests/test_reference_cnn.py)."""
     return _transformer("cp", epsilon, gamma, first_layer)
 
 

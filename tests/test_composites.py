@@ -133,7 +133,7 @@ def test_table(chain):
     assert len(lines) == 1 + len(chain)
     assert lines[1].split()[0] == "0" and "Conv2d" in lines[1] and "FlatRule" in lines[1]
     assert "Conv2d" in lines[3] and "ZPlusRule" in lines[3]
-    assert "MaxPool2d" in lines[5] and "ZeroRule" in lines[5]
+    assert "MaxPool2d" in lines[5] and "MaxPoolRule" in lines[5]  # the presets: relevance to the argmax
     assert "Linear" in lines[9] and "EpsilonRule(epsilon=1e-06)" in lines[9]
 
 

@@ -11,11 +11,11 @@ max|R_zennit|``. Name by name:
 - Presets: zennit's composites of the same names with zennit's canonizers (``VGGCanonizer`` = ``SequentialMergeBatchNorm``,
   ``ResNetCanonizer``). zennit maps ``Norm`` (a proportional split, stabiliser 1e-6) onto its ``Sum`` layer (the
   residual addition) and onto average pooling; lrpkit's ``SkipConnectionRule`` / ``SumRule`` and the presets'
-  LRP-ε(1e-6) on average pooling are the same formulas. zennit gives MaxPool no rule (plain gradient: all relevance
-  to the maximum), lrpkit LRP-0 (``a·R/(a + 1e-9)`` at the maximum): equal up to 1e-9 relative. Two differences by
-  design, both far below the tolerance: zennit leaves each merged BatchNorm in place computing
-  ``x / sqrt(1 + eps)`` (its running variance is set to 1, its eps kept; zennit passes relevance through it), where
-  lrpkit removes it, so zennit's activations are smaller by a factor ``(1 + 1e-5)^(-1/2)`` per BatchNorm.
+  LRP-ε on average pooling (the preset's ε, 1e-6 by default, zennit's default stabiliser) are the same formulas.
+  zennit gives MaxPool no rule (plain gradient: all relevance to the maximum), and so do lrpkit's presets
+  (``MaxPoolRule``: ``R_in = (∂y/∂a)ᵀ R``). One difference by design, far below the tolerance: zennit leaves each
+  merged BatchNorm in place computing ``x / sqrt(1 + eps)`` (its running variance is set to 1, its eps kept; zennit
+  passes relevance through it), where lrpkit removes it, so zennit's activations are smaller by a factor ``(1 + 1e-5)^(-1/2)`` per BatchNorm.
 """
 
 import pytest

@@ -76,7 +76,9 @@ def load_model(name: str, weights: str | Path | None = None, num_classes: int | 
 
     ``name`` is ``demo_vit`` / ``demo_cnn`` (trained weights shipped with lrpkit), a torchvision CNN in
     :data:`TORCHVISION_MODELS`, or any timm model name (``timm.list_models()``, a pretrained tag such as
-    ``vit_base_patch16_224.augreg_in21k`` selects that tag's preprocessing). Without ``weights`` the timm and
+    ``vit_base_patch16_224.augreg_in21k`` selects that tag's preprocessing). ``timm:NAME`` is always timm's model,
+    for the names torchvision has too (``timm:resnet50`` is timm's ResNet-50 with timm's data config, ``resnet50``
+    torchvision's). Without ``weights`` the timm and
     torchvision models have random weights (from torch's global random state; nothing is downloaded).
     ``weights`` is a local file loaded with :func:`lrpkit.models.load_weights` (strict: names and shapes must fit;
     safetensors, or a state dict read with ``torch.load(weights_only=True)``, so no pickled code runs).
@@ -93,7 +95,8 @@ def load_model(name: str, weights: str | Path | None = None, num_classes: int | 
     if num_classes is not None and (isinstance(num_classes, bool) or not isinstance(num_classes, int)
                                     or num_classes < 1):
         raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
-    if name in DEMO_MODELS:
+    name, timm_only = (name[len("timm:"):], True) if name.startswith("timm:") else (name, False)
+    if name in DEMO_MODELS and not timm_only:
         fixed = len(data.CLASS_NAMES)
         if num_classes is not None and num_classes != fixed:
             raise ValueError(f"{name} has {fixed} classes ({', '.join(data.CLASS_NAMES)}); it cannot be built with "
@@ -101,7 +104,7 @@ def load_model(name: str, weights: str | Path | None = None, num_classes: int | 
         model = models.load_demo_vit() if name == "demo_vit" else models.load_demo_cnn()
         prep = Preprocess(size=(64, 64), resize=64, mean=data.MEAN, std=data.STD, interpolation="bilinear")
     else:
-        if name in TORCHVISION_MODELS:
+        if name in TORCHVISION_MODELS and not timm_only:
             import torchvision
 
             def build(**kwargs):

@@ -117,5 +117,6 @@ GENERIC = Family("generic", (), composite=_generic_composite, geometry=_generic_
 from . import torchvision_cnn, timm_vit  # noqa: E402,F401  (the built-in families register themselves)
 from . import timm_efficientnet  # noqa: E402,F401
 from . import timm_convnext  # noqa: E402,F401
+from . import timm_resnet  # noqa: E402,F401
 
 __all__ = ["Family", "Geometry", "GENERIC", "family_of", "register_family"]

@@ -7,10 +7,10 @@ from torch import nn
 
 from .. import layers as L
 from ..registry import register_rule
-from .base import (ACTIVATION_TYPES, LINEAR_TYPES, NORM_TYPES, POOL_TYPES, RESHAPE_TYPES, IncompatibleRuleError,
-                   Rule, stabilize)
-from .basic import (AlphaBetaRule, EpsilonRule, FlatRule, GammaRule, GeneralizedGammaRule, PassRule, WSquareRule,
-                    ZBoxRule, ZeroRule, ZPlusRule)
+from .base import (ACTIVATION_TYPES, LINEAR_TYPES, MAXPOOL_TYPES, NORM_TYPES, POOL_TYPES, RESHAPE_TYPES,
+                   IncompatibleRuleError, Rule, stabilize)
+from .basic import (AlphaBetaRule, EpsilonRule, FlatRule, GammaRule, GeneralizedGammaRule, MaxPoolRule, PassRule,
+                    WSquareRule, ZBoxRule, ZeroRule, ZPlusRule)
 from .convnext import GlobalResponseNormRule, PermuteRule
 from .structural import ProductRule, SkipConnectionRule, SumRule
 from .terms import Group, Term, TermRule
@@ -38,7 +38,7 @@ register_rule(L.GlobalResponseNormalize, GlobalResponseNormRule())
 __all__ = [
     "Rule", "IncompatibleRuleError", "stabilize", "Term", "Group", "TermRule",
     "ZeroRule", "EpsilonRule", "GammaRule", "WSquareRule", "FlatRule", "ZBoxRule", "AlphaBetaRule", "ZPlusRule",
-    "PassRule", "GeneralizedGammaRule", "SkipConnectionRule", "SumRule", "ProductRule",
+    "PassRule", "MaxPoolRule", "GeneralizedGammaRule", "SkipConnectionRule", "SumRule", "ProductRule",
     "SelfAttentionRule", "PositionalEmbeddingRule", "LayerNormRule", "PatchFlattenRule", "ClassTokenRule",
     "SelectClassTokenRule", "TokenMeanRule",
     "PermuteRule", "GlobalResponseNormRule",

@@ -35,6 +35,8 @@ LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 POOL_TYPES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
               nn.AdaptiveAvgPool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d,
               nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d)
+MAXPOOL_TYPES = (nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d, nn.AdaptiveMaxPool2d,
+                 nn.AdaptiveMaxPool3d)
 NORM_TYPES = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 ACTIVATION_TYPES = (nn.ReLU, nn.LeakyReLU, nn.ELU, nn.GELU, nn.SiLU, nn.Tanh, nn.Sigmoid, nn.Softplus, nn.ReLU6,
                     nn.Hardswish, nn.Hardtanh, nn.Mish, nn.PReLU, nn.SELU, nn.CELU)
@@ -48,15 +50,16 @@ else:
 # the gate of MobileNetV3's squeeze-excitation, and timm's own element-wise activations of the EfficientNet /
 # MobileNetV3 family (act_layer='swish', 'hard_swish', gate_layer='sigmoid', 'hard_sigmoid', ...)
 ACTIVATION_TYPES = ACTIVATION_TYPES + (nn.Hardsigmoid,)
-try:
+try:  # timm's own element-wise gates and activations (SE / ECA gates, EfficientNet's swish, ...)
     from timm.layers import activations as _timm_act, activations_me as _timm_act_me
 except ImportError:  # pragma: no cover
     pass
 else:
-    ACTIVATION_TYPES = ACTIVATION_TYPES + (
-        _timm_act.Swish, _timm_act.Sigmoid, _timm_act.Tanh, _timm_act.HardSwish, _timm_act.HardSigmoid,
-        _timm_act.Mish, _timm_act.HardMish, _timm_act_me.SwishMe, _timm_act_me.MishMe, _timm_act_me.HardSwishMe,
-        _timm_act_me.HardSigmoidMe, _timm_act_me.HardMishMe)
+    ACTIVATION_TYPES = ACTIVATION_TYPES + tuple(
+        getattr(module, name) for module, names in (
+            (_timm_act, ("Swish", "Mish", "Sigmoid", "Tanh", "HardSwish", "HardSigmoid", "HardMish")),
+            (_timm_act_me, ("SwishMe", "MishMe", "HardSigmoidMe", "HardSwishMe", "HardMishMe")))
+        for name in names if hasattr(module, name))
 
 
 class IncompatibleRuleError(TypeError):

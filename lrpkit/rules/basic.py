@@ -12,9 +12,10 @@ import torch
 from ..layers import LayerNormalize, PatchFlatten, Scale
 from ..propagate import Record, Step
 from ..traits import Traits
-from .base import ACTIVATION_TYPES, LINEAR_TYPES, NORM_TYPES, RESHAPE_TYPES, Rule, divide, stabilize
+from .base import (ACTIVATION_TYPES, LINEAR_TYPES, MAXPOOL_TYPES, NORM_TYPES, RESHAPE_TYPES, Rule, divide,
+                   stabilize)
 from .terms import Group, Term, TermRule, neg, no_bias, pos, same
-from .vjp import has_input_vjp, input_vjp
+from .vjp import has_input_vjp, input_vjp, vjp
 
 
 class ZeroRule(Rule):
@@ -143,6 +144,34 @@ class PassRule(Rule):
         # R_in is R reshaped: reads neither output nor input values; an activation's output is cheap to recompute
         return Traits(output=False, lazy_input=True, output_recomputable=isinstance(layer, ACTIVATION_TYPES),
                       moves_only=True)
+
+
+class MaxPoolRule(Rule):
+    """Max pooling passes each output's relevance to its argmax, unchanged and without a stabiliser:
+    ``R_in = (∂y/∂a)ᵀ R``, the pool's own vector-Jacobian product (torch's: a tie goes to one element, and
+    overlapping windows add up at an input that is the maximum of several). What zennit does for a max pool (it
+    has no rule there: the gradient carries the relevance), and the ε → 0 limit of LRP-ε on it. Conserves
+    exactly. The presets give it to every max-pool layer.
+    """
+
+    targets = MAXPOOL_TYPES
+    accepted = MAXPOOL_TYPES
+
+    def __init__(self):
+        pass
+
+    def forward(self, step: Step, x: torch.Tensor, tape) -> Record:
+        a = x.detach().requires_grad_(True)
+        with torch.enable_grad():
+            return Record(a, step.layer(a))
+
+    def lrp(self, step, rec, R, tape):
+        return vjp(step.layer, rec.input, R, rec.output)
+
+    def traits(self, layer) -> Traits:
+        # R_in = (∂y/∂a)ᵀ R through the recorded graph; a zero input can be a window's maximum and receive
+        # relevance, so R_in does not vanish with the input
+        return Traits(graph=True)
 
 
 class ZPlusRule(TermRule):
