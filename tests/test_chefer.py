@@ -90,6 +90,58 @@ def test_linear_closed_form_matches_terms_and_skips_zero_rows():
     assert fast[:, 1:].abs().max() == 0
 
 
+def prepared_tensors(obj, seen=None):
+    """Every tensor reachable from a step's prepared state (dicts, lists, sub-steps, modules, plain objects)."""
+    seen = set() if seen is None else seen
+    if id(obj) in seen:
+        return
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        yield obj
+        return
+    if isinstance(obj, nn.Module):
+        yield from obj.parameters()
+        yield from obj.buffers()
+        return
+    if isinstance(obj, Step):
+        items = [obj.state] + [s for branch in obj.children for s in branch]
+    elif isinstance(obj, dict):
+        items = obj.values()
+    elif isinstance(obj, (list, tuple, set)):
+        items = obj
+    elif hasattr(obj, "__dict__"):
+        items = vars(obj).values()
+    else:
+        return
+    for item in items:
+        yield from prepared_tensors(item, seen)
+
+
+def all_steps(steps):
+    for step in steps:
+        yield step
+        for branch in step.children:
+            yield from all_steps(branch)
+
+
+def test_linear_layers_keep_no_prepared_weight_copy():
+    # issue 16: CheferLinearRule.prepare built |W| for every Linear layer (attention projections included), held
+    # for the analyzer's lifetime (340 MB on ViT-B); lrp builds it now and frees it with the step
+    model = tiny_vit()
+    weights = {tuple(m.weight.shape) for m in model.modules() if isinstance(m, nn.Linear)}
+    for analyzer in (TransformerAttribution(model), PartialLRP(model), lrpkit.LRP(model, chefer_composite())):
+        for step in all_steps(analyzer.steps):
+            held = list(prepared_tensors(step.state))
+            if isinstance(step.layer, (nn.Linear, SelfAttention)):
+                assert held == [], (step.name, [tuple(t.shape) for t in held])
+            assert not any(tuple(t.shape) in weights for t in held), step.name
+    # the relevance is the same as with |W| kept: the closed form against the term-by-term rule
+    layer = linear(torch.randn(7, 16, generator=torch.Generator().manual_seed(1)))
+    x, R = torch.randn(3, 16, dtype=torch.float64), torch.randn(3, 7, dtype=torch.float64)
+    R_in, _, _ = run_rule(CheferLinearRule(), layer, x, R)
+    assert torch.allclose(R_in, run_rule(CheferZPlusRule(), layer, x, R)[0], atol=1e-10)
+
+
 # -- z^B with the input's bounds -------------------------------------------------------------------------------------
 def test_zbox_bounds_from_each_sample():
     # W = (1, -2, 1), bias 10 (ignored). Sample 1: x = (1, -1, 2), l = -1, h = 2:
