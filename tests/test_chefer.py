@@ -142,6 +142,74 @@ def test_linear_layers_keep_no_prepared_weight_copy():
     assert torch.allclose(R_in, run_rule(CheferZPlusRule(), layer, x, R)[0], atol=1e-10)
 
 
+def held_storages(obj, skip: set, found: dict | None = None, seen: set | None = None) -> dict:
+    """``{data_ptr: nbytes}`` of every tensor storage that ``obj`` holds (records, their extras, recipes, lists,
+    dicts), parameters (``skip``) left out."""
+    found = {} if found is None else found
+    seen = set() if seen is None else seen
+    if id(obj) in seen or isinstance(obj, nn.Module):
+        return found
+    seen.add(id(obj))
+    if isinstance(obj, torch.Tensor):
+        storage = obj.untyped_storage()
+        if storage.data_ptr() not in skip:
+            found[storage.data_ptr()] = storage.nbytes()
+        return found
+    if isinstance(obj, dict):
+        items = list(obj.values())
+    elif isinstance(obj, (list, tuple)):
+        items = obj
+    else:  # records, recipes, the tape's lazy inputs: their slots
+        items = [getattr(obj, name, None) for cls in type(obj).__mro__ for name in getattr(cls, "__slots__", ())]
+    for item in items:
+        held_storages(item, skip, found, seen)
+    return found
+
+
+def graph_saved(output: torch.Tensor):
+    """What the autograd graph behind ``output`` saves: the packed objects (tensors, or what a pack hook made)."""
+    saved, nodes, todo = [], set(), [output.grad_fn]
+    while todo:
+        node = todo.pop()
+        if node is None or node in nodes:
+            continue
+        nodes.add(node)
+        for name in dir(node):
+            if name.startswith("_raw_saved_"):
+                raw = getattr(node, name)
+                saved += [r.data for r in (raw if isinstance(raw, (list, tuple)) else [raw]) if r is not None]
+        todo += [fn for fn, _ in node.next_functions]
+    return saved
+
+
+def test_recording_pass_keeps_each_activation_once():
+    # issue 16: TransformerAttribution's recording pass kept, per block, q, k, v, q kᵀ, A v and its merged heads,
+    # each Linear layer's output next to its x W, the LayerNorm and GELU outputs, and its autograd graph saved
+    # per-head copies of q, k, v and the GELU's input besides: 2.3 GiB on ViT-B at batch 8, 3.6x the input gradient.
+    # Now the records keep, per block, the residual stream after the attention and after the MLP, x W of the four
+    # Linear layers and A; everything else is recomputed from them, bitwise
+    B, N, C, H, depth = 2, 17, 32, 2, 3
+    model = tiny_vit()
+    ta = TransformerAttribution(model)
+    first = ta.attention_steps[0].index
+    tape = Tape(ta.plan, graph_from=first, stop_after=first)
+    with torch.enable_grad():
+        output = tape.forward(ta.steps, torch.randn(B, 3, 32, 32, dtype=torch.float64))
+    params = {p.untyped_storage().data_ptr() for p in ta.chain.parameters()}
+    blocks = [s for s in ta.steps if isinstance(s.layer, SkipConnection)]
+    in_blocks = {s.index for s in all_steps(blocks)}
+    held = held_storages([rec for i, rec in tape.records.items() if i in in_blocks], params)
+    per_block = (C + C) + (3 * C + C + 4 * C + C) + H * N  # residuals; x W of qkv, proj, fc1, fc2; A (per token)
+    assert sum(held.values()) == (depth * per_block + C) * B * N * 8  # + the first block's input
+    # the graph of the recording pass saves nothing that the records do not hold (but LayerNorm's statistics):
+    # x W + b, the per-head copies of q, k, v are saved as recipes, recomputed in the backward pass
+    everything = held_storages(list(tape.records.values()), params)
+    saved = graph_saved(output)
+    tensors = [t for t in saved if isinstance(t, torch.Tensor) and t.untyped_storage().data_ptr() not in params]
+    assert len(saved) > len(tensors) > 0
+    assert all(t.untyped_storage().data_ptr() in everything for t in tensors if t.numel() > B * N)
+
+
 # -- z^B with the input's bounds -------------------------------------------------------------------------------------
 def test_zbox_bounds_from_each_sample():
     # W = (1, -2, 1), bias 10 (ignored). Sample 1: x = (1, -1, 2), l = -1, h = 2:
@@ -233,8 +301,8 @@ def test_attention_rule_matches_generic_product_splits():
     R_in, tape, rec = run_rule(CheferAttentionRule(), layer, x, R)
     # the same steps with the generic (autograd) product rule and the term-based α1β0 rule
     lin = CheferZPlusRule()
-    R_y, _, _ = run_rule(lin, layer.proj, layer.merge_heads(rec.extras["y"]), R)
-    e = rec.extras
+    e = CheferAttentionRule.values(layer, rec)  # q, k, v, q kᵀ, A, y of the recorded pass
+    R_y, _, _ = run_rule(lin, layer.proj, layer.merge_heads(e["y"]), R)
     R_A, R_v = product_split(e["attn"], e["v"], layer.split_heads(R_y), e["y"], torch.matmul)
     R_q, R_k = product_split(e["qn"], e["kn"], R_A, e["dots"], lambda q, k: q @ k.transpose(-2, -1))
     R_t = torch.cat([layer.merge_heads(t) for t in (R_q, R_k, R_v)], -1)

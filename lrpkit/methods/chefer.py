@@ -6,6 +6,11 @@ Both run one recording forward pass through the chain with the rules of :func:`c
 right after the lowest block whose attention relevance the map needs. :class:`TransformerAttribution` gets the
 attention gradients ``∂y_t/∂A_b`` from the graph of that same forward pass (one backward pass, no second forward).
 
+Memory: the records of the recording pass hold each activation once, and its graph saves nothing beyond them but
+LayerNorm's statistics (see :mod:`lrpkit.rules.chefer`); the gradients are taken first, which frees the graph, so
+that the reverse loop starts from the records and ``∂y_t/∂A_b``. ViT-B: the peak is 1.7-1.8x the input
+gradient's (docs/benchmarks.md).
+
 Reference code: hila-chefer/Transformer-Explainability (``baselines/ViT/ViT_LRP.py``, methods ``"transformer_
 attribution"`` (= ``"grad"``) and ``"last_layer"``; ``ViT_explanation_generator.py``). lrpkit's version is batched
 (the reference handles one image: its residual rescaling and z^B bounds sum over the whole batch), works on every
@@ -184,6 +189,7 @@ class TransformerAttribution(_CheferExplainer):
                 raise TypeError(f"{self.name} takes the attention gradients from the graph of the recording forward "
                                 f"pass, and a rule of the composite above block {self.start_layer} does not keep "
                                 f"that graph; use the rules of lrpkit.rules.chefer (chefer_composite())") from err
+            del attns  # the records keep A until the reverse loop has passed each block
             rel = self._relevances(tape, output, t)
             with torch.no_grad():
                 for step, grad in zip(reversed(needed), reversed(grads)):

@@ -30,6 +30,15 @@ forward pass. Without it (plain :class:`lrpkit.LRP` use) no graph is built. Ever
 relevance of its attention probabilities (key :data:`ATTENTION_RELEVANCE`); where the tape stops after it
 (``stop_after``), it computes nothing below.
 
+Memory (issue 16): the records keep, per block, the residual stream after the attention and after the MLP (the
+residual rule's input and output), ``x W`` of the four Linear layers (without the bias) and the attention
+probabilities ``A``. Everything else that the reverse loop reads is recomputed from them, bitwise as the forward
+pass computed it: the LayerNorm, affine and GELU outputs (the Linear layers' inputs, through the tape's lazy inputs),
+``x W + b``, q, k, v, ``q kᵀ``, ``y = A v`` and its merged heads. Where the recording pass keeps an autograd graph,
+that graph saves ``x W + b`` (the GELU's input) and the per-head copies of q, k and v as the same recipes
+(:func:`torch.autograd.graph.saved_tensors_hooks`), recomputed in the backward pass, so that the graph holds
+nothing beyond the records but LayerNorm's per-token statistics. No copy of the weights is kept per analyzer.
+
 Reference code: hila-chefer/Transformer-Explainability (``modules/layers_ours.py``, ``baselines/ViT/ViT_LRP.py``).
 Differences: everything is per sample (the reference sums over the whole batch, which it only runs at batch 1);
 the positional embedding of the class token is folded into :class:`~lrpkit.layers.ClassToken` in lrpkit's chain,
@@ -44,7 +53,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import LayerNormalize, PositionalEmbedding, Scale, SelfAttention
+from ..layers import LayerNormalize, PositionalEmbedding, Scale, SelfAttention, SkipConnection
 from ..propagate import Record, Step, per_sample
 from ..traits import Traits
 from .base import ACTIVATION_TYPES, RESHAPE_TYPES, IncompatibleRuleError, Rule
@@ -71,6 +80,14 @@ def safe_divide(a: torch.Tensor, b: torch.Tensor, eps: float = SAFE_EPS) -> torc
     return (a / den).masked_fill_(den == 0, 0)
 
 
+def _safe_divide_into(a: torch.Tensor, b: torch.Tensor, eps: float = SAFE_EPS) -> torch.Tensor:
+    """:func:`safe_divide` written into ``b``, a fresh tensor of ``a``'s shape that the caller gives up (the same
+    values: ``b + ε·sign(b)`` is ``ε·sign(b) + b``)."""
+    b.add_(torch.sign(b).mul_(eps))
+    zero = b == 0
+    return torch.div(a, b, out=b).masked_fill_(zero, 0)
+
+
 def _per_sample_view(v: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
     return v.view(-1, *([1] * (like.ndim - 1)))
 
@@ -87,12 +104,64 @@ def rescaled_split(shares: list[torch.Tensor], R: torch.Tensor) -> list[torch.Te
     return [a * _per_sample_view(torch.sign(s) * factor, a) for a, s in zip(shares, sums)]
 
 
+# -- what the records keep, and what the graph saves -------------------------------------------------------------
+# A tensor of the recording pass that a rule can recompute bitwise from what its record keeps (a Linear layer's
+# output zn + b from zn; the per-head copies that the attention products work on) carries a _Recipe under this
+# attribute. Records keep the recipe instead of the tensor, and the autograd graph of the recording pass (where
+# there is one) saves the recipe instead of the tensor (_saving_recipes), so that neither holds a second copy of
+# what the record already holds.
+_RECIPE = "_chefer_recipe"
+
+
+class _Recipe:
+    """``fn(*args)`` without a graph, bitwise equal to the tensor it stands for (the same operations on the same
+    values). Callable, so that a :class:`~lrpkit.propagate.Record` evaluates it when its input is first read."""
+
+    __slots__ = ("fn", "args")
+
+    def __init__(self, fn, *args):
+        self.fn, self.args = fn, args
+
+    def __call__(self) -> torch.Tensor:
+        with torch.no_grad():
+            return self.fn(*self.args)
+
+
+def _recomputable(t: torch.Tensor, fn, *args) -> torch.Tensor:
+    """Mark ``t`` as ``fn(*args)`` (see :class:`_Recipe`); returns ``t``."""
+    setattr(t, _RECIPE, _Recipe(fn, *args))
+    return t
+
+
+def _kept(t: torch.Tensor):
+    """What a record keeps of ``t``: its recipe if it has one, else ``t`` detached."""
+    recipe = getattr(t, _RECIPE, None)
+    return recipe if recipe is not None else t.detach()
+
+
+def _value(kept) -> torch.Tensor:
+    """The tensor that :func:`_kept` stands for."""
+    return kept() if isinstance(kept, _Recipe) else kept
+
+
+def _pack(t: torch.Tensor):
+    recipe = getattr(t, _RECIPE, None)
+    return t if recipe is None else recipe
+
+
+def _saving_recipes():
+    """Within: the autograd graph saves a marked tensor as its recipe, recomputed in the backward pass."""
+    return torch.autograd.graph.saved_tensors_hooks(_pack, _value)
+
+
 class _GraphForward:
-    """Forward that keeps the autograd graph of its input (if it has one): ``Record(x.detach(), layer(x))``.
-    The next layer receives the graph-connected output; ``lrp`` works on detached values."""
+    """Forward that keeps the autograd graph of its input (if it has one): ``Record(x.detach(), layer(x))``
+    (the record keeps ``x``'s recipe where it has one, and so does the graph). The next layer receives the
+    graph-connected output; ``lrp`` works on detached values."""
 
     def forward(self, step: Step, x: torch.Tensor, tape) -> Record:
-        return Record(x.detach(), step.layer(x))
+        with _saving_recipes():
+            return Record(_kept(x), step.layer(x))
 
 
 # -- Linear / Conv ---------------------------------------------------------------------------------------------
@@ -108,6 +177,10 @@ class CheferLinearRule(Rule):
     reported as ``stabilizer``). Token rows whose relevance is zero everywhere are skipped (the last block of a ViT,
     where only the class token carries relevance). ``|W|`` is built in ``lrp`` and freed after the layer: no copy of
     the weights is kept per analyzer (one ``abs`` over the weight per call, about 1% of the call at batch 1).
+
+    Memory: the record keeps ``a W`` (without the bias) and, where the layer below is element-wise, not even the
+    input (recomputed from below). The output ``a W + b`` is marked as recomputable from ``a W``, so that whoever
+    needs it again (the next layer's record, the autograd graph of the recording pass) keeps the recipe instead.
     """
 
     targets = (nn.Linear,)
@@ -119,8 +192,11 @@ class CheferLinearRule(Rule):
     def forward(self, step: Step, x: torch.Tensor, tape) -> Record:
         layer = step.layer
         zn = F.linear(x, layer.weight)
-        out = zn if layer.bias is None else zn + layer.bias
-        return Record(x.detach(), out, extras={"zn": zn.detach()})
+        kept = zn.detach()
+        if layer.bias is None:
+            return Record(_kept(x), zn, extras={"zn": kept})
+        out = _recomputable(zn + layer.bias, torch.add, kept, layer.bias)  # the record keeps zn, not zn + b
+        return Record(_kept(x), out, extras={"zn": kept})
 
     def lrp(self, step: Step, rec: Record, R: torch.Tensor, tape) -> torch.Tensor:
         w = step.layer.weight
@@ -130,7 +206,7 @@ class CheferLinearRule(Rule):
             r = R.reshape(-1, w.shape[0])
             rows = None
             if r.shape[0] > 1:
-                active = r.ne(0).any(1)
+                active = r.any(1)
                 n = int(active.sum())
                 if n <= r.shape[0] // 2:
                     rows = active.nonzero().squeeze(1)
@@ -145,11 +221,14 @@ class CheferLinearRule(Rule):
         # with z2 = 2 z⁺ = x W + |x| |W| and s = R / (z2 + 2ε) = sdiv(R, z⁺) / 2:  R_in = x ⊙ (s W) + |x| ⊙ (s |W|)
         x_abs = x.abs()
         z2 = torch.addmm(zn, x_abs, w_abs.t()).clamp_(min=0).add_(2 * self.epsilon)
-        s = (r / z2).masked_fill_(z2 <= 2 * self.epsilon, 0)
+        dropped = z2 <= 2 * self.epsilon
+        s = torch.div(r, z2, out=z2).masked_fill_(dropped, 0)  # written into z2
         return (s @ w).mul_(x).addcmul_(x_abs, s @ w_abs)
 
     def traits(self, layer) -> Traits:
-        return Traits(output=False)  # lrp reads the input and a W from the record's extras
+        # lrp reads the input (recomputed where the layer below is element-wise) and zn = a W from the record's
+        # extras; the output zn + b is left to whoever keeps it, as its recipe
+        return Traits(output=False, lazy_input=True)
 
 
 class CheferZPlusRule(TermRule):
@@ -204,6 +283,11 @@ class CheferPassRule(_GraphForward, PassRule):
 
     accepted = (LayerNormalize, Scale, nn.LayerNorm, nn.Dropout, nn.Identity) + ACTIVATION_TYPES + RESHAPE_TYPES
 
+    def traits(self, layer) -> Traits:
+        # every layer it accepts is cheap to recompute (element-wise, or a LayerNorm over one token), so the layer
+        # above recomputes its input instead of keeping it; dropout only where it cannot be random
+        return replace(super().traits(layer), output_recomputable=not isinstance(layer, nn.Dropout))
+
 
 class CheferSelectTokenRule(_GraphForward, SelectClassTokenRule):
     """``y = x[:, i]``: ``R_in[:, i] = R``, zero elsewhere (the reference's ``IndexSelect``: gradient × input, exact).
@@ -247,7 +331,25 @@ class CheferPositionalEmbeddingRule(_GraphForward, Rule):
             return R_x
 
 
-class CheferSkipConnectionRule(SkipConnectionRule):
+class _CheferSplitForward:
+    """:class:`~lrpkit.rules.structural.SkipConnectionRule`'s forward that keeps the graph (``y = a + f(a)``, or
+    ``Σ_k f_k(a)``) and keeps the summands as :func:`_kept` does (a Linear branch's output as its recipe)."""
+
+    def forward(self, step: Step, x: torch.Tensor, tape) -> Record:
+        outs = [tape.forward(branch, x) for branch in step.children]
+        if isinstance(step.layer, SkipConnection):
+            outs.insert(0, x)
+        y = outs[0] + outs[1] if len(outs) > 1 else outs[0].clone()
+        for out in outs[2:]:
+            y = y.add_(out) if not y.requires_grad else y + out
+        return Record(x.detach(), y, extras={"summands": [_kept(out) for out in outs]})
+
+    @staticmethod
+    def summands(rec: Record) -> list[torch.Tensor]:
+        return [_value(kept) for kept in rec.extras["summands"]]
+
+
+class CheferSkipConnectionRule(_CheferSplitForward, SkipConnectionRule):
     """Chefer et al.'s residual rule for ``y = a + f(a)``: gradient × input split ``a ⊙ sdiv(R, y)``,
     ``f(a) ⊙ sdiv(R, y)``, then both rescaled (:func:`rescaled_split`) so that the branch sums are
     ``|Σa| / (|Σa| + |Σf|) · ΣR`` and ``|Σf| / (|Σa| + |Σf|) · ΣR`` (per sample); the ``f`` share is propagated
@@ -261,11 +363,11 @@ class CheferSkipConnectionRule(SkipConnectionRule):
     def lrp(self, step: Step, rec: Record, R: torch.Tensor, tape) -> torch.Tensor:
         with torch.no_grad():
             s = safe_divide(R, rec.output.detach(), self.epsilon)
-            a, f = rescaled_split([summand * s for summand in rec.extras["summands"]], R)
+            a, f = rescaled_split([summand * s for summand in self.summands(rec)], R)
         return a + tape.backward(step.children[0], f)
 
 
-class CheferSumRule(SumRule):
+class CheferSumRule(_CheferSplitForward, SumRule):
     """:class:`CheferSkipConnectionRule` for parallel branches ``y = Σ_k f_k(a)`` (the distilled head): shares
     ``f_k ⊙ sdiv(R, y)`` rescaled to sums ``|Σ f_k| / Σ_k' |Σ f_k'| · ΣR`` (:func:`rescaled_split`), each propagated
     through its branch. Keeps the forward graph."""
@@ -278,7 +380,7 @@ class CheferSumRule(SumRule):
     def lrp(self, step: Step, rec: Record, R: torch.Tensor, tape) -> torch.Tensor:
         with torch.no_grad():
             s = safe_divide(R, rec.output.detach(), self.epsilon)
-            shares = rescaled_split([summand * s for summand in rec.extras["summands"]], R)
+            shares = rescaled_split([summand * s for summand in self.summands(rec)], R)
         R_in = torch.zeros_like(rec.input)
         for branch, share in zip(step.children, shares):
             R_in = R_in + tape.backward(branch, share)
@@ -313,6 +415,11 @@ class CheferAttentionRule(Rule):
     below ``R_A`` is computed. The recording pass keeps the graph of its input (if it has one) and then hands out
     the attention probabilities under :data:`ATTENTION`. Conserves at both products; the projections conserve as
     :class:`CheferLinearRule` does.
+
+    The record keeps ``x W_qkv``, ``A`` and ``y W_proj`` (and the input, unless the tape recomputes it); ``lrp``
+    recomputes q, k, v, ``q kᵀ``, ``y = A v`` and the merged heads from them (:meth:`values` shows them). The
+    products are computed as :func:`torch.matmul` computes them (``bmm`` on per-head copies), so that the graph
+    can save those copies as recipes.
     """
 
     targets = ()
@@ -344,35 +451,111 @@ class CheferAttentionRule(Rule):
 
     def forward(self, step: Step, x: torch.Tensor, tape) -> Record:
         layer, sub = step.layer, step.state
-        qkv = self.linear_rule.forward(sub["qkv"], x, tape)
-        q, k, v = (layer.split_heads(t) for t in qkv.output.chunk(3, dim=-1))
-        qn, kn = layer.q_norm(q), layer.k_norm(k)
-        dots = qn @ kn.transpose(-2, -1)
-        attn = (dots * layer.scale).softmax(-1)
-        y = attn @ v
-        out = self.linear_rule.forward(sub["proj"], layer.merge_heads(y), tape)
+        with _saving_recipes():
+            qkv = self.linear_rule.forward(sub["qkv"], x, tape)
+            qkv_out = _kept(qkv.output)  # x W + b, as its recipe from x W
+            q, k, v = (_recomputable(t, _head, layer, qkv_out, i, False)  # a qk-norm's graph saves its input
+                       for i, t in enumerate(_heads(layer, qkv.output)))
+            qn, kn = layer.q_norm(q), layer.k_norm(k)
+            # the products as torch.matmul computes them (bmm on per-head copies), the copies marked so that the
+            # graph saves them as recipes from x W (the record's) instead of a second copy of q, k and v
+            q_c = _recomputable(_fold(qn), _head, layer, qkv_out, 0, True)
+            k_c = _recomputable(_fold(kn.transpose(-2, -1)), _head, layer, qkv_out, 1, True)
+            v_c = _recomputable(_fold(v), _head, layer, qkv_out, 2, True)
+            dots = torch.bmm(q_c, k_c).view(qn.shape[:-1] + kn.shape[-2:-1])
+            attn = (dots * layer.scale).softmax(-1)
+            y = torch.bmm(_fold(attn), v_c).view(attn.shape[:-1] + v.shape[-1:])
+            proj = self.linear_rule.forward(sub["proj"], layer.merge_heads(y), tape)
         if attn.requires_grad:
             tape.hand_out(step, ATTENTION, attn)
-        extras = {"qkv": qkv, "out": out, "qn": qn.detach(), "kn": kn.detach(), "v": v.detach(),
-                  "attn": attn.detach(), "dots": dots.detach(), "y": y.detach()}
-        return Record(x.detach(), out.output, extras=extras)
+        # what lrp reads: x (the tape's; recomputed where the layer below is element-wise), x W_qkv (zn of the qkv
+        # record), A, and y W_proj (zn of the proj record); q, k, v, q kᵀ, y = A v and its merged heads (the proj
+        # record's input) are recomputed from them
+        out = proj.output
+        qkv.input = qkv.output = proj.input = proj.output = None
+        extras = {"qkv": qkv, "qkv_out": qkv_out, "proj": proj, "attn": attn.detach()}
+        return Record(_kept(x), out, extras=extras)
 
     def lrp(self, step: Step, rec: Record, R: torch.Tensor, tape) -> torch.Tensor | None:
-        layer, sub, e, eps = step.layer, step.state, rec.extras, self.epsilon
-        R_y = layer.split_heads(self.linear_rule.lrp(sub["proj"], e["out"], R, tape))
+        layer, sub, e = step.layer, step.state, rec.extras
         with torch.no_grad():
-            attn, v, qn, kn = e["attn"], e["v"], e["qn"], e["kn"]
-            s = safe_divide(R_y * 0.5, e["y"], eps)  # the halves folded into s
+            q, k, v = _heads(layer, _value(e["qkv_out"]))
+            y = _attend(e["attn"], v)
+        e["proj"].input = layer.merge_heads(y)
+        R_y = layer.split_heads(self.linear_rule.lrp(sub["proj"], e["proj"], R, tape))
+        R_qkv = self._products(layer, e["attn"], q, k, v, y, R_y, step, tape)
+        if R_qkv is None:
+            return None
+        e["qkv"].input = rec.input
+        return self.linear_rule.lrp(sub["qkv"], e["qkv"], R_qkv, tape)
+
+    def _products(self, layer, attn, q, k, v, y, R_y: torch.Tensor, step: Step, tape) -> torch.Tensor | None:
+        """``R_y`` through ``y = A v`` and ``q kᵀ``: the relevance of the qkv projection's output (hands out
+        ``R_A``; None where the tape stops after this step). Its temporaries are freed on return."""
+        eps = self.epsilon
+        with torch.no_grad():
+            s = safe_divide(R_y * 0.5, y, eps)  # the halves folded into s
             R_attn = (s @ v.transpose(-2, -1)).mul_(attn)
             tape.hand_out(step, ATTENTION_RELEVANCE, R_attn)
             if not tape.needed(step):
                 return None
-            R_v = (attn.transpose(-2, -1) @ s).mul_(v)
-            s2 = safe_divide(R_attn, e["dots"], eps)
-            R_q = (s2 @ kn).mul_(qn).mul_(0.5)
-            R_k = (s2.transpose(-2, -1) @ qn).mul_(kn).mul_(0.5)
-            R_qkv = torch.cat([layer.merge_heads(t) for t in (R_q, R_k, R_v)], dim=-1)
-        return self.linear_rule.lrp(sub["qkv"], e["qkv"], R_qkv, tape)
+            B, H, N, d = R_y.shape
+            R_qkv = R_y.new_empty(B, N, 3 * H * d)
+            R_q, R_k, R_v = _heads(layer, R_qkv)  # [R_q, R_k, R_v] with merged heads, written in place
+            R_v.copy_((attn.transpose(-2, -1) @ s).mul_(v))
+            del s
+            qn, kn = layer.q_norm(q), layer.k_norm(k)
+            s2 = _safe_divide_into(R_attn, qn @ kn.transpose(-2, -1), eps)  # q kᵀ recomputed, bitwise the forward's
+            R_q.copy_((s2 @ kn).mul_(qn).mul_(0.5))
+            R_k.copy_((s2.transpose(-2, -1) @ qn).mul_(kn).mul_(0.5))
+            return R_qkv
+
+    def traits(self, layer) -> Traits:
+        # lrp reads the input (for the qkv projection) and its extras, not the output (the residual rule keeps that)
+        return Traits(output=False, lazy_input=True)
+
+    @staticmethod
+    def values(layer: SelfAttention, rec: Record) -> dict:
+        """The intermediate values of the recorded forward pass through ``layer``, from its record (as ``lrp`` sees
+        them): ``qn``, ``kn``, ``v`` (B, heads, N, d), ``dots = qn knᵀ`` and ``attn`` (B, heads, N, N), ``y = attn v``
+        (B, heads, N, d)."""
+        with torch.no_grad():
+            q, k, v = _heads(layer, _value(rec.extras["qkv_out"]))
+            qn, kn = layer.q_norm(q), layer.k_norm(k)
+            attn = rec.extras["attn"]
+            return {"qn": qn, "kn": kn, "v": v, "dots": qn @ kn.transpose(-2, -1), "attn": attn,
+                    "y": _attend(attn, v)}
+
+
+def _heads(layer: SelfAttention, qkv: torch.Tensor) -> list[torch.Tensor]:
+    """q, k, v (B, heads, N, d): views of the qkv projection's output (B, N, 3·heads·d)."""
+    return [layer.split_heads(t) for t in qkv.chunk(3, dim=-1)]
+
+
+def _fold(t: torch.Tensor) -> torch.Tensor:
+    """(B, H, n, m) -> (B·H, n, m) as torch.matmul folds the batch dimensions (a copy unless a view can do)."""
+    return t.reshape(-1, *t.shape[-2:])
+
+
+def _attend(attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``y = A v`` (B, H, N, d) as the forward computes it."""
+    return torch.bmm(_fold(attn), _fold(v)).view(attn.shape[:-1] + v.shape[-1:])
+
+
+def _head(layer: SelfAttention, qkv_out, i: int, folded: bool) -> torch.Tensor:
+    """Recipe: the ``i``-th of q, k, v from the kept qkv output; ``folded``: normalised (q, k) and folded as the
+    forward's product takes it (kᵀ for k)."""
+    if isinstance(qkv_out, _Recipe) and qkv_out.fn is torch.add:  # x W + b: only the i-th third (element-wise)
+        zn, b = qkv_out.args
+        with torch.no_grad():
+            t = layer.split_heads(torch.add(zn.chunk(3, dim=-1)[i], b.chunk(3)[i]))
+    else:
+        t = _heads(layer, _value(qkv_out))[i]
+    if not folded:
+        return t
+    if i < 2:
+        t = (layer.q_norm if i == 0 else layer.k_norm)(t)
+    return _fold(t.transpose(-2, -1) if i == 1 else t)
 
 
 __all__ = [
