@@ -315,18 +315,59 @@ class GlobalResponseNormalize(nn.Module):
         return f"{self.weight.shape[0]}, eps={self.eps}, channel_dim={self.channel_dim}"
 
 
-class SelfAttention(nn.Module):
-    """Multi-head self-attention over tokens (B, N, C), as in timm's ``Attention``:
+class Rotary(nn.Module):
+    """Rotary position embedding (RoPE; Su et al. 2021, "RoFormer"), as timm's ``apply_rot_embed_cat`` applies it to
+    the query and key heads (B, H, N, d) of EVA-02:
 
-    ``q, k, v = split(x W_qkv + b_qkv)`` per head; ``q, k = norm_q(q), norm_k(k)`` (qk-norm, else identity);
-    ``A = softmax(q kᵀ · scale)``; ``y = A v``; heads merged; ``out = y W_proj + b_proj``.
+    ``t ↦ t ⊙ cos + rot(t) ⊙ sin`` per token position, with ``rot`` the rotation of each channel pair by 90°:
+    interleaved pairs ``[x0, x1, ...] ↦ [−x1, x0, ...]`` (``half=False``) or the two halves ``[a, b] ↦ [−b, a]``
+    (``half=True``). The ``num_prefix`` leading tokens (class, registers) are not rotated. ``sin`` and ``cos``
+    (N − num_prefix, d) are constants of the canonized model (its image size), so the map is linear in ``t``.
+    """
+
+    def __init__(self, sin: torch.Tensor, cos: torch.Tensor, num_prefix: int = 0, half: bool = False):
+        super().__init__()
+        self.register_buffer("sin", sin.detach().clone())
+        self.register_buffer("cos", cos.detach().clone())
+        self.num_prefix, self.half = num_prefix, half
+
+    def rotate(self, t: torch.Tensor) -> torch.Tensor:
+        """``rot(t)``: every channel pair turned by 90°."""
+        if self.half:
+            a, b = t.chunk(2, dim=-1)
+            return torch.cat([-b, a], dim=-1)
+        return torch.stack([-t[..., 1::2], t[..., ::2]], -1).reshape(t.shape)
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        p = self.num_prefix
+        body = t[:, :, p:]
+        body = (body * self.cos + self.rotate(body) * self.sin).to(t.dtype)
+        return torch.cat([t[:, :, :p], body], dim=2) if p else body
+
+    def extra_repr(self) -> str:
+        return f"tokens={self.sin.shape[0]}, head_dim={self.sin.shape[-1]}, num_prefix={self.num_prefix}, " \
+               f"half={self.half}"
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention over tokens (B, N, C), as in timm's ``Attention`` (and BEiT's, EVA's):
+
+    ``q, k, v = split(x W_qkv + b_qkv)`` per head; ``q, k = rope(norm_q(q)), rope(norm_k(k))`` (qk-norm and rotary
+    embedding, each else the identity); ``S = q kᵀ · scale + B`` (``B`` a constant score bias: a relative position
+    bias, a window mask; else none); ``A = softmax(S)``; ``y = A v``; heads merged; ``out = y W_proj + b_proj``.
 
     ``forward(x, return_attention=True)`` also returns the attention probabilities A (B, heads, N, N), which timm's
     fused attention never materialises.
+
+    A subclass that attends within groups of tokens (Swin's windows) overrides :meth:`group` and :meth:`ungroup`, a
+    permutation of the tokens into groups stacked along the batch and its inverse, and :meth:`score_bias` to lay its
+    bias out over the groups. The rules run on the grouped tokens and pass relevance back through the inverse
+    permutation.
     """
 
     def __init__(self, qkv: nn.Linear, proj: nn.Linear, num_heads: int, scale: float,
-                 q_norm: nn.Module | None = None, k_norm: nn.Module | None = None, norm: nn.Module | None = None):
+                 q_norm: nn.Module | None = None, k_norm: nn.Module | None = None, norm: nn.Module | None = None,
+                 bias: torch.Tensor | None = None, rope: Rotary | None = None):
         super().__init__()
         self.qkv, self.proj = qkv, proj
         self.num_heads = num_heads
@@ -334,6 +375,8 @@ class SelfAttention(nn.Module):
         self.q_norm = q_norm if q_norm is not None else nn.Identity()
         self.k_norm = k_norm if k_norm is not None else nn.Identity()
         self.norm = norm if norm is not None else nn.Identity()
+        self.register_buffer("attn_bias", None if bias is None else bias.detach().clone())
+        self.rope = rope if rope is not None else nn.Identity()
 
     @property
     def head_dim(self) -> int:
@@ -349,21 +392,46 @@ class SelfAttention(nn.Module):
         """(B, H, N, d) -> (B, N, H·d)."""
         return rearrange(t, "b h n d -> b n (h d)")  # as t.transpose(1, 2).reshape(...): a copy unless t allows a view
 
+    def positions(self, q: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``rope(norm_q(q)), rope(norm_k(k))``: the heads (B, H, N, d) that the scores multiply."""
+        return self.rope(self.q_norm(q)), self.rope(self.k_norm(k))
+
     def qkv_heads(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """q, k (normalised) and v, each (B, H, N, d)."""
+        """q, k (normalised, rotated) and v, each (B, H, N, d)."""
         q, k, v = self.qkv(x).chunk(3, dim=-1)
-        return self.q_norm(self.split_heads(q)), self.k_norm(self.split_heads(k)), self.split_heads(v)
+        return *self.positions(self.split_heads(q), self.split_heads(k)), self.split_heads(v)
+
+    def group(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, C) -> (B·G, n, C): the groups of tokens that attend to each other (all of them: the identity)."""
+        return x
+
+    def ungroup(self, t: torch.Tensor, batch: int) -> torch.Tensor:
+        """The inverse of :meth:`group` for a batch of ``batch`` samples."""
+        return t
+
+    def score_bias(self, q: torch.Tensor) -> torch.Tensor | None:
+        """The constant ``B`` added to the scores of the heads ``q`` (broadcastable to (B, H, N, N)), or None."""
+        return self.attn_bias
+
+    def scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """``S = q kᵀ · scale + B`` (B, H, N, N)."""
+        s = (q * self.scale) @ k.transpose(-2, -1)
+        bias = self.score_bias(q)
+        return s if bias is None else s + bias
 
     def attention(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """``A = softmax(q kᵀ · scale)`` (B, H, N, N)."""
-        return torch.softmax((q * self.scale) @ k.transpose(-2, -1), dim=-1)
+        """``A = softmax(S)`` (B, H, N, N)."""
+        return torch.softmax(self.scores(q, k), dim=-1)
 
     def forward(self, x: torch.Tensor, return_attention: bool = False):
+        batch, x = x.shape[0], self.group(x)
         q, k, v = self.qkv_heads(x)
         if return_attention:
             attn = self.attention(q, k)
             y = attn @ v
         else:
-            y = nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scale)
-        out = self.proj(self.norm(self.merge_heads(y)))
+            bias = self.score_bias(q)
+            y = nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=None if bias is None else bias.to(q),
+                                                           scale=self.scale)
+        out = self.ungroup(self.proj(self.norm(self.merge_heads(y))), batch)
         return (out, attn) if return_attention else out

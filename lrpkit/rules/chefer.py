@@ -441,6 +441,10 @@ class CheferAttentionRule(Rule):
         if not isinstance(layer.norm, nn.Identity):
             raise IncompatibleRuleError("CheferAttentionRule does not handle a norm after the attention "
                                         "(scale_attn_norm)")
+        if layer.attn_bias is not None or not isinstance(layer.rope, nn.Identity) or \
+                type(layer).group is not SelfAttention.group:
+            raise IncompatibleRuleError("CheferAttentionRule handles global attention without a score bias or a "
+                                        "rotary embedding (timm ViT/DeiT); this layer has one of them")
 
     def prepare(self, layer: SelfAttention):
         sub = {"qkv": Step(layer.qkv, self.linear_rule, -1, "qkv", "qkv"),

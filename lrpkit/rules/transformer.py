@@ -147,14 +147,22 @@ class SelfAttentionRule(Rule):
 
     ``mode="cp"`` (CP-LRP, Ali et al. 2022; RelevancePropagation.jl's SelfAttentionRule): the attention
     probabilities A are held constant, so relevance reaches the input only through the values. Per head,
-    ``y = A v``: ``R_v[j] = v[j] ⊙ Σ_i A[i, j] R_y[i] / stab(y[i])``; the query and key paths get none. The output
-    projection uses ``out_rule``, the value projection ``value_rule`` (default LRP-ε for both). Conserves up to the
-    stabilisers and the biases.
+    ``y = A v``: ``R_v[j] = v[j] ⊙ Σ_i A[i, j] R_y[i] / stab(y[i])``; the query and key paths get none, and so do a
+    score bias ``B`` (relative position bias, window mask) and a rotary embedding. The output projection uses
+    ``out_rule``, the value projection ``value_rule`` (default LRP-ε for both). Conserves up to the stabilisers and
+    the biases.
 
     ``mode="attnlrp"`` (Achtibat et al. 2024): both matrix products (``q kᵀ`` and ``A v``) split relevance evenly
     between their factors (:func:`bilinear_lrp`); the softmax gets ``R_S = S ⊙ (R_A − A ⊙ Σ_j R_A)`` (its Taylor /
-    LRP-ε rule); qk-norms the LayerNorm rule; the whole qkv projection ``value_rule``. The softmax is not
-    conservative (its bias term); the loss appears in the accounting under ``attention``.
+    LRP-ε rule). A score bias is a summand of ``S = q kᵀ·scale + B``: LRP-ε on the sum gives it
+    ``R_B = B ⊙ R_S / stab(S)`` (reported in the accounting as ``attention_bias``) and the product the rest, so
+    ``q`` and ``k`` get ``s = R_S / (2·stab(S))`` each through their gradient. A rotary embedding, linear in
+    ``q`` (``k``), passes relevance by LRP-ε, ``R_q = q ⊙ Jᵀ (R_q' / stab(q'))``; qk-norms the LayerNorm rule; the
+    whole qkv projection ``value_rule``. The softmax is not conservative (its bias term); the loss appears in the
+    accounting under ``attention``.
+
+    Attention within groups of tokens (:meth:`SelfAttention.group`, Swin's windows) runs on the grouped tokens;
+    relevance returns through the inverse permutation, which conserves it exactly.
     """
 
     targets = ()
@@ -196,53 +204,60 @@ class SelfAttentionRule(Rule):
     def forward(self, step: Step, x: torch.Tensor, tape) -> Record:
         layer, sub = step.layer, step.state
         x = x.detach()
+        xg = layer.group(x)
+        v_rec = self.value_rule.forward(sub["value"], xg, tape)
         if self.mode == "cp":
-            v_rec = self.value_rule.forward(sub["value"], x, tape)
             with torch.no_grad():
-                q, k = sub["qk"](x).chunk(2, dim=-1)
-                q, k = layer.q_norm(layer.split_heads(q)), layer.k_norm(layer.split_heads(k))
-                attn = layer.attention(q, k)
+                q, k = sub["qk"](xg).chunk(2, dim=-1)
+                attn = layer.attention(*layer.positions(layer.split_heads(q), layer.split_heads(k)))
                 v = layer.split_heads(v_rec.output.detach())
                 y = attn @ v
             extras = {"value": v_rec, "attn": attn, "v": v}  # y: a view of the out projection's input
         else:
-            v_rec = self.value_rule.forward(sub["value"], x, tape)
             with torch.no_grad():
                 q, k, v = (layer.split_heads(t) for t in v_rec.output.detach().chunk(3, dim=-1))
                 qn, kn = layer.q_norm(q), layer.k_norm(k)
-                scores = (qn * layer.scale) @ kn.transpose(-2, -1)
+                qr, kr = layer.rope(qn), layer.rope(kn)
+                scores = layer.scores(qr, kr)
                 attn = scores.softmax(-1)
                 y = attn @ v
-            extras = {"value": v_rec, "attn": attn, "q": q, "k": k, "qn": qn, "kn": kn, "v": v,
+            extras = {"value": v_rec, "attn": attn, "q": q, "k": k, "qn": qn, "kn": kn, "qr": qr, "kr": kr, "v": v,
                       "scores": scores, "y": y}
         o_rec = self.out_rule.forward(sub["out"], layer.merge_heads(y), tape)
         extras["out"] = o_rec
-        return Record(x, o_rec.output.detach(), extras=extras)
+        return Record(x, layer.ungroup(o_rec.output.detach(), x.shape[0]), extras=extras)
 
     # -- backward -----------------------------------------------------------------------------------------
     def lrp(self, step: Step, rec: Record, R: torch.Tensor, tape) -> torch.Tensor:
         layer, sub, e = step.layer, step.state, rec.extras
-        R_y = layer.split_heads(self.out_rule.lrp(sub["out"], e["out"], R, tape))
+        batch = R.shape[0]
+        R_y = layer.split_heads(self.out_rule.lrp(sub["out"], e["out"], layer.group(R), tape))
         if self.mode == "cp":
             s = divide(R_y, layer.split_heads(e["out"].input), self.epsilon)
             R_v = e["v"] * (e["attn"].transpose(-2, -1) @ s)
             R_t = layer.merge_heads(R_v)
         else:
-            R_t = self._attnlrp(layer, e, R_y)
-        R_in = self.value_rule.lrp(sub["value"], e["value"], R_t, tape)
+            R_t = self._attnlrp(layer, e, R_y, rec, batch)
+        R_in = layer.ungroup(self.value_rule.lrp(sub["value"], e["value"], R_t, tape), batch)
         bias = [r.absorbed["bias"] for r in (e["out"], e["value"]) if "bias" in r.absorbed]
         if bias:
-            rec.absorbed["bias"] = sum(bias)
+            rec.absorbed["bias"] = _regroup(sum(bias), batch)
         return R_in
 
-    def _attnlrp(self, layer: SelfAttention, e: dict, R_y: torch.Tensor) -> torch.Tensor:
+    def _attnlrp(self, layer: SelfAttention, e: dict, R_y: torch.Tensor, rec: Record, batch: int) -> torch.Tensor:
         eps = self.epsilon
         R_attn, R_v = bilinear_lrp(e["attn"], e["v"], e["y"], R_y, eps, torch.matmul)
         A, S = e["attn"], e["scores"]
         # softmax Taylor rule (Achtibat et al. 2024, Prop. 3.1): R_S = S ⊙ (R_A − A ⊙ Σ_j R_A)
         R_S = S * (R_attn - A * R_attn.sum(-1, keepdim=True))
-        R_qn, R_kn = bilinear_lrp(e["qn"], e["kn"], S, R_S, eps,
+        # S = q kᵀ·scale + B: the product's factors get half of its share each, the bias B its own share
+        R_qr, R_kr = bilinear_lrp(e["qr"], e["kr"], S, R_S, eps,
                                   lambda q, k: (q * layer.scale) @ k.transpose(-2, -1))
+        bias = layer.score_bias(e["qr"])
+        if bias is not None:
+            rec.absorbed["attention_bias"] = _regroup(per_sample(bias * divide(R_S, S, eps)), batch)
+        R_qn = _rope_lrp(layer.rope, e["qn"], e["qr"], R_qr, eps)
+        R_kn = _rope_lrp(layer.rope, e["kn"], e["kr"], R_kr, eps)
         R_q = _norm_lrp(layer.q_norm, e["q"], e["qn"], R_qn, eps)
         R_k = _norm_lrp(layer.k_norm, e["k"], e["kn"], R_kn, eps)
         return torch.cat([layer.merge_heads(t) for t in (R_q, R_k, R_v)], dim=-1)
@@ -250,6 +265,22 @@ class SelfAttentionRule(Rule):
     def traits(self, layer) -> Traits:
         # AttnLRP's softmax rule is not conservative: what it loses is reported as ``attention``
         return Traits(remainder="attention" if self.mode == "attnlrp" else "stabilizer")
+
+
+def _regroup(per_group: torch.Tensor, batch: int) -> torch.Tensor:
+    """Per-sample sums (B,) from per-group sums (B·G,) of grouped attention (the identity without groups)."""
+    return per_group if per_group.shape[0] == batch else per_group.view(batch, -1).sum(1)
+
+
+def _rope_lrp(rope: nn.Module, x: torch.Tensor, y: torch.Tensor, R: torch.Tensor, eps: float) -> torch.Tensor:
+    """LRP-ε through a rotary embedding ``y = rope(x)`` (linear, no bias): ``R_x = x ⊙ Jᵀ (R / stab(y))``; the
+    identity passes ``R``."""
+    if isinstance(rope, nn.Identity):
+        return R
+    with torch.enable_grad():
+        x_ = x.detach().requires_grad_(True)
+        (g,) = torch.autograd.grad(rope(x_), x_, divide(R, y, eps))
+    return x * g
 
 
 def _norm_lrp(norm: nn.Module, x: torch.Tensor, y: torch.Tensor, R: torch.Tensor, eps: float) -> torch.Tensor:
