@@ -13,6 +13,7 @@ from .basic import (AlphaBetaRule, EpsilonRule, FlatRule, GammaRule, Generalized
                     WSquareRule, ZBoxRule, ZeroRule, ZPlusRule)
 from .convnext import GlobalResponseNormRule, PermuteRule
 from .structural import ProductRule, SkipConnectionRule, SumRule
+from .swin import SpaceToDepthRule
 from .terms import Group, Term, TermRule
 from .transformer import (ClassTokenRule, LayerNormRule, PatchFlattenRule, PositionalEmbeddingRule,
                           SelectClassTokenRule, SelfAttentionRule, TokenMeanRule)
@@ -34,6 +35,7 @@ register_rule(L.Scale, EpsilonRule())
 register_rule(L.SelfAttention, SelfAttentionRule())
 register_rule(L.Permute, PermuteRule())
 register_rule(L.GlobalResponseNormalize, GlobalResponseNormRule())
+register_rule(L.SpaceToDepth, SpaceToDepthRule())
 
 __all__ = [
     "Rule", "IncompatibleRuleError", "stabilize", "Term", "Group", "TermRule",
@@ -42,4 +44,5 @@ __all__ = [
     "SelfAttentionRule", "PositionalEmbeddingRule", "LayerNormRule", "PatchFlattenRule", "ClassTokenRule",
     "SelectClassTokenRule", "TokenMeanRule",
     "PermuteRule", "GlobalResponseNormRule",
+    "SpaceToDepthRule",
 ]
