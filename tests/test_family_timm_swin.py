@@ -691,3 +691,25 @@ def test_cli_explains_the_named_swin_with_local_weights(named_weights, tmp_path,
     assert cli.main(["explain", str(png), "--model", NAMED, "--weights", str(weights), "--method", "rollout",
                      "--out", str(out)]) == 2
     assert "no token-to-token path across windows" in capsys.readouterr().err
+
+
+def test_cli_evaluates_the_named_swin(named_weights, tmp_path, capsys):
+    import csv
+
+    from lrpkit import cli
+
+    _, weights = named_weights
+    out = tmp_path / "ev"
+    code = cli.main(["evaluate", "--model", NAMED, "--weights", str(weights), "--method", "lrp", "--n", "1",
+                     "--steps", "2", "--deletion-steps", "2", "--out", str(out), "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    with open(out / "results.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert [r["method"] for r in rows] == ["lrp"]
+    config = (out / "config.json").read_text()
+    assert '"patch_size": 4' in config  # the perturbation regions: Swin's 4-pixel patches (the family's geometry)
+    # an attention method named on the command line: one line that says why, exit status 2
+    assert cli.main(["evaluate", "--model", NAMED, "--weights", str(weights), "--method", "rollout", "--n", "1",
+                     "--out", str(tmp_path / "ev2"), "--quiet"]) == 2
+    assert "no token-to-token path across windows" in capsys.readouterr().err
