@@ -516,6 +516,16 @@ class WindowSelfAttention(SelfAttention):
         per_window = self.mask.unsqueeze(1) + bias  # (nW, heads, n, n)
         return per_window.repeat(q.shape[0] // self.num_windows, 1, 1, 1)
 
+    def scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """``S = q kᵀ · scale + B_rel + M`` (B·nW, heads, n, n), the mask added per window by broadcasting (as timm
+        does) instead of being laid out over the batch first."""
+        s = (q * self.scale) @ k.transpose(-2, -1)
+        if self.mask is None:
+            return s + self.attn_bias
+        n = s.shape[-1]
+        s = s.view(-1, self.num_windows, self.num_heads, n, n) + (self.mask.unsqueeze(1) + self.attn_bias)
+        return s.view(-1, self.num_heads, n, n)
+
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, window={self.window}, shift={self.shift}, grid={self.grid}"
 
