@@ -15,7 +15,7 @@ from ..layers import (ClassToken, LayerNormalize, PatchFlatten, PositionalEmbedd
                       SelfAttention, TokenMean)
 from ..propagate import Record, Step, per_sample
 from ..traits import Traits
-from .base import IncompatibleRuleError, Rule, divide, stabilize
+from .base import IncompatibleRuleError, Rule, divide, stabilize, writable
 from .basic import EpsilonRule
 
 
@@ -114,10 +114,12 @@ class LayerNormRule(_ClosedFormRule):
 
     def lrp(self, step, rec, R, tape):
         x, dim = rec.input, step.layer.dim  # dim: the normalised dimension (-1; 1 for timm's LayerNorm2d)
-        sigma = step.layer.sigma(x)
-        y = (x - x.mean(dim, keepdim=True)) / sigma
+        var, mean = torch.var_mean(x, dim, unbiased=False, keepdim=True)  # μ and σ² in one pass
+        sigma = var.add_(step.layer.eps).sqrt_()
+        y = (x - mean).div_(sigma)
         s = divide(R, y, self.epsilon)
-        return x / sigma * (s - s.mean(dim, keepdim=True))
+        s = s.sub_(s.mean(dim, keepdim=True)) if writable(s, R) else s - s.mean(dim, keepdim=True)
+        return torch.div(x, sigma).mul_(s)
 
 
 def _linear_rows(linear: nn.Linear, rows: slice) -> nn.Linear:
@@ -245,17 +247,25 @@ class SelfAttentionRule(Rule):
         return R_in
 
     def _attnlrp(self, layer: SelfAttention, e: dict, R_y: torch.Tensor, rec: Record, batch: int) -> torch.Tensor:
+        # The uniform rule of both products in closed form (bilinear_lrp's values, without a second product and an
+        # autograd graph): for O = X Y with s = R_O / (2·stab(O)), R_X = X ⊙ (s Yᵀ) and R_Y = Y ⊙ (Xᵀ s).
         eps = self.epsilon
-        R_attn, R_v = bilinear_lrp(e["attn"], e["v"], e["y"], R_y, eps, torch.matmul)
-        A, S = e["attn"], e["scores"]
-        # softmax Taylor rule (Achtibat et al. 2024, Prop. 3.1): R_S = S ⊙ (R_A − A ⊙ Σ_j R_A)
-        R_S = S * (R_attn - A * R_attn.sum(-1, keepdim=True))
-        # S = q kᵀ·scale + B: the product's factors get half of its share each, the bias B its own share
-        R_qr, R_kr = bilinear_lrp(e["qr"], e["kr"], S, R_S, eps,
-                                  lambda q, k: (q * layer.scale) @ k.transpose(-2, -1))
+        A, S, v = e["attn"], e["scores"], e["v"]
+        s = divide(R_y, e["y"], eps).mul_(0.5)  # y = A v
+        R_v = v * (A.transpose(-2, -1) @ s)
+        g = s @ v.transpose(-2, -1)  # R_A = A ⊙ g
+        # softmax Taylor rule (Achtibat et al. 2024, Prop. 3.1): R_S = S ⊙ (R_A − A ⊙ Σ_j R_A) = S ⊙ A ⊙ (g − Σ_j A g)
+        R_S = g.sub_((A.unsqueeze(-2) @ g.unsqueeze(-1)).squeeze(-1)).mul_(A).mul_(S)
+        # S = q kᵀ·scale + B, t = R_S / stab(S): the bias B takes B ⊙ t, the product the rest, half to each factor
+        t = divide(R_S, S, eps)
+        del g, R_S
         bias = layer.score_bias(e["qr"])
         if bias is not None:
-            rec.absorbed["attention_bias"] = _regroup(per_sample(bias * divide(R_S, S, eps)), batch)
+            rec.absorbed["attention_bias"] = _regroup(_sum_product(bias, t), batch)
+        half = 0.5 * layer.scale
+        R_qr = e["qr"] * (t @ e["kr"]).mul_(half)
+        R_kr = e["kr"] * (t.transpose(-2, -1) @ e["qr"]).mul_(half)
+        del t
         R_qn = _rope_lrp(layer.rope, e["qn"], e["qr"], R_qr, eps)
         R_kn = _rope_lrp(layer.rope, e["kn"], e["kr"], R_kr, eps)
         R_q = _norm_lrp(layer.q_norm, e["q"], e["qn"], R_qn, eps)
@@ -265,6 +275,16 @@ class SelfAttentionRule(Rule):
     def traits(self, layer) -> Traits:
         # AttnLRP's softmax rule is not conservative: what it loses is reported as ``attention``
         return Traits(remainder="attention" if self.mode == "attnlrp" else "stabilizer")
+
+
+def _sum_product(bias: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``Σ B ⊙ t`` per group, (G,), for ``t`` (G, H, n, n) and a bias broadcastable to it, as dot products (the
+    product ``B ⊙ t`` is not materialised)."""
+    b = torch.broadcast_to(bias.to(t.dtype), t.shape)
+    flat = t.reshape(t.shape[0], -1)
+    if b.stride(0) == 0:  # one bias for every group
+        return flat @ b[0].reshape(-1)
+    return (flat.unsqueeze(1) @ b.reshape(t.shape[0], -1, 1)).reshape(-1)
 
 
 def _regroup(per_group: torch.Tensor, batch: int) -> torch.Tensor:
