@@ -453,8 +453,9 @@ class WindowSelfAttention(SelfAttention):
        within a region of the shifted map, −100 across regions; none without a shift);
     5. windows merged back, the padding cropped, the shift undone.
 
-    Steps 1-3 are :meth:`group`, 5 is :meth:`ungroup` (exact permutations, except the crop of the padding), 4 is
-    the attention of :class:`SelfAttention` with :meth:`score_bias`. ``grid`` (H, W) is the feature map the model was
+    Steps 1-3 are :meth:`group`, 5 is :meth:`ungroup` (exact permutations, except the crop of the padding; each one
+    gather of the tokens by an index built once), 4 is the attention of :class:`SelfAttention` with
+    :meth:`score_bias`. ``grid`` (H, W) is the feature map the model was
     built for (the shift mask depends on it); another grid is an error.
     """
 
@@ -469,6 +470,9 @@ class WindowSelfAttention(SelfAttention):
             raise ValueError(f"a shift mask of {mask.shape[0]} windows for a {hp}x{wp} map in {self.window} windows "
                              f"({windows} windows)")
         self.register_buffer("mask", None if mask is None else mask.detach().clone())
+        source, place = self._token_order()
+        self.register_buffer("source", source.to(self.qkv.weight.device))
+        self.register_buffer("place", place.to(self.qkv.weight.device))
 
     @property
     def padded_grid(self) -> tuple[int, int]:
@@ -481,31 +485,37 @@ class WindowSelfAttention(SelfAttention):
         hp, wp = self.padded_grid
         return (hp // self.window[0]) * (wp // self.window[1])
 
+    def _token_order(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The permutation as indices: ``source`` (H_p·W_p,), the position ``h·W + w`` of the input token at each
+        place of the grouped layout (H·W for a padding token), and ``place`` (H·W,), its inverse on the input
+        tokens. Window (i, j), token (r, c) sits at the padded, shifted position (i·w_h + r, j·w_w + c); the
+        shifted map holds input token ((h + s_h) mod H, (w + s_w) mod W) at (h, w) (``roll`` by (−s_h, −s_w))."""
+        (h, w), (hp, wp), (wh, ww), (sh, sw) = self.grid, self.padded_grid, self.window, self.shift
+        rows = torch.arange(hp).view(hp // wh, 1, wh, 1).expand(-1, wp // ww, -1, ww).reshape(-1)
+        cols = torch.arange(wp).view(1, wp // ww, 1, ww).expand(hp // wh, -1, wh, -1).reshape(-1)
+        inside = (rows < h) & (cols < w)
+        source = torch.where(inside, (rows + sh) % h * w + (cols + sw) % w, h * w)
+        place = torch.empty(h * w, dtype=torch.long)
+        place[source[inside]] = torch.arange(hp * wp)[inside]
+        return source, place
+
     def group(self, x: torch.Tensor) -> torch.Tensor:
-        """(B, H, W, C) -> (B·nW, w_h·w_w, C): shift, pad, partition (steps 1-3)."""
+        """(B, H, W, C) -> (B·nW, w_h·w_w, C): shift, pad, partition (steps 1-3), as one gather of the tokens."""
         b, h, w, c = x.shape
         if (h, w) != self.grid:
             raise ValueError(f"the window attention gets a {h}x{w} feature map but the model was built for "
                              f"{self.grid[0]}x{self.grid[1]} (its shift mask and windows depend on it); give the "
                              f"input the model's img_size")
-        if any(self.shift):
-            x = torch.roll(x, (-self.shift[0], -self.shift[1]), (1, 2))
-        (hp, wp), (wh, ww) = self.padded_grid, self.window
-        if (hp, wp) != (h, w):
-            x = nn.functional.pad(x, (0, 0, 0, wp - w, 0, hp - h))
-        x = x.reshape(b, hp // wh, wh, wp // ww, ww, c)
-        return x.permute(0, 1, 3, 2, 4, 5).reshape(b * (hp // wh) * (wp // ww), wh * ww, c)
+        tokens = x.reshape(b, h * w, c)
+        if self.padded_grid != self.grid:
+            tokens = nn.functional.pad(tokens, (0, 0, 0, 1))  # token H·W: the zeros of the padding
+        return tokens.index_select(1, self.source).view(-1, self.window[0] * self.window[1], c)
 
     def ungroup(self, t: torch.Tensor, batch: int) -> torch.Tensor:
-        """(B·nW, w_h·w_w, C) -> (B, H, W, C): merge the windows, crop the padding, undo the shift (step 5)."""
-        (hp, wp), (wh, ww), (h, w) = self.padded_grid, self.window, self.grid
+        """(B·nW, w_h·w_w, C) -> (B, H, W, C): merge the windows, crop the padding, undo the shift (step 5), as one
+        gather."""
         c = t.shape[-1]
-        t = t.reshape(batch, hp // wh, wp // ww, wh, ww, c).permute(0, 1, 3, 2, 4, 5).reshape(batch, hp, wp, c)
-        if (hp, wp) != (h, w):
-            t = t[:, :h, :w].contiguous()
-        if any(self.shift):
-            t = torch.roll(t, self.shift, (1, 2))
-        return t
+        return t.reshape(batch, -1, c).index_select(1, self.place).view(batch, *self.grid, c)
 
     def score_bias(self, q: torch.Tensor) -> torch.Tensor:
         """``B_rel + M`` for the windows ``q`` (B·nW, heads, n, d): (1, heads, n, n) without a shift mask, else laid
