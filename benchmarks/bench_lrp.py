@@ -9,7 +9,8 @@ so that a change is measured old against new in one interleaved run:
 
     uv run python benchmarks/bench_lrp.py --suite cnn --against c5a6677
 Targets (issues 2 and 3): ε-only ≤ 1.15× (CNN) / ≤ 1.2× (ViT), EpsilonPlusFlat ≤ 1.6×, CPLRP with γ ≤ 2×,
-peak memory ≤ 1.5× the input gradient's.
+peak memory ≤ 1.5× the input gradient's. Issue 13 (``--suite timm-beit``, beit_base_patch16_224): CPLRP ≤ 1.2×,
+AttnLRP ≤ 1.5×, memory ≤ 1.5×.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ SUITES = {
     "timm-efficientnet": [("timm:efficientnet_b0", "epsilon"), ("timm:mobilenetv3_large_100", "epsilon")],
     "timm-convnext": [("timm:convnext_tiny", "epsilon")],
     "timm-resnet": [("timm:resnet50", "epsilon"), ("timm:resnet50", "EpsilonPlusFlat")],
+    "timm-beit": [("timm:beit_base_patch16_224", "CPLRP"), ("timm:beit_base_patch16_224", "AttnLRP")],
 }
 
 

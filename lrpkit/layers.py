@@ -411,7 +411,13 @@ class SelfAttention(nn.Module):
 
     def score_bias(self, q: torch.Tensor) -> torch.Tensor | None:
         """The constant ``B`` added to the scores of the heads ``q`` (broadcastable to (B, H, N, N)), or None."""
-        return self.attn_bias
+        bias = self.attn_bias
+        if bias is not None and bias.shape[-1] != q.shape[-2]:
+            raise ValueError(f"this attention's score bias (a relative position bias) is fixed to {bias.shape[-1]} "
+                             f"tokens, but the input gives {q.shape[-2]}: the model was built for one image size; "
+                             f"resize the input to it (the model's data config), or rebuild the timm model for "
+                             f"this size (set_input_size) before explaining it")
+        return bias
 
     def scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """``S = q kᵀ · scale + B`` (B, H, N, N)."""

@@ -167,12 +167,13 @@ def _embedding(model, path: str) -> list:
     if pos is not None:
         pos = pos.detach()
         grid = tuple(pe.grid_size)
-        n_pos_prefix = 0 if model.no_embed_class else n_prefix
+        n_pos_prefix = 0 if getattr(model, "no_embed_class", False) else n_prefix
         if pos.shape[1] != n_pos_prefix + grid[0] * grid[1]:
             raise _unsupported(model, f"a pos_embed of {pos.shape[1]} entries for {n_pos_prefix} prefix tokens and a "
                                       f"{grid[0]}x{grid[1]} patch grid")
         patch_pos = pos[:, n_pos_prefix:].reshape(1, grid[0], grid[1], -1).permute(0, 3, 1, 2)
-        entries.append((join(path, "pos_embed"), PositionalEmbedding(patch_pos, dynamic=model.dynamic_img_size)))
+        dynamic = getattr(model, "dynamic_img_size", False)  # (BEiT, which shares this embedding, has neither)
+        entries.append((join(path, "pos_embed"), PositionalEmbedding(patch_pos, dynamic=dynamic)))
         if n_pos_prefix:
             tokens = [torch.cat(tokens, dim=1) + pos[:, :n_pos_prefix]]
     entries.append((join(path, "patch_embed"), PatchFlatten()))
