@@ -565,3 +565,16 @@ def test_cli_explains_and_evaluates_a_named_beit_with_local_weights(tmp_path, ca
     assert code == 0, captured.err
     rows = {line.split()[0] for line in captured.out.splitlines()[2:] if line.strip()}
     assert {"lrp", "attnlrp", "transformer-attribution", "rollout"} <= rows
+
+
+def test_gradient_methods_and_vitcx_run():
+    from lrpkit.methods import Gradient, InputXGradient, IntegratedGradients, SmoothGrad, ViTCX
+
+    model = small_beit(dtype=torch.float64)
+    x = image(2, dtype=torch.float64)
+    for method in (Gradient(model), InputXGradient(model), IntegratedGradients(model, steps=4),
+                   SmoothGrad(model, n=2, seed=0)):
+        expl = method(x)
+        assert expl.relevance.shape == x.shape and torch.isfinite(expl.relevance).all()
+    expl = ViTCX(model, seed=0, progress=False)(x)
+    assert expl.heatmap.shape == (2, 32, 32) and torch.isfinite(expl.heatmap).all()
