@@ -228,7 +228,7 @@ def _qk_norm(norm: nn.Module, path: str, model) -> nn.Module | None:
     """A qk-norm of the attention pool: Identity (None) or a LayerNorm over the head dimension, copied."""
     if _is_identity(norm):
         return None
-    if type(norm) is not nn.LayerNorm or len(norm.normalized_shape) != 1:
+    if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:
         raise _unsupported(model, f"the attention pool's qk-norm {path} ({type(norm).__name__}; only LayerNorm)")
     return copy_layer(norm)
 
