@@ -123,4 +123,86 @@ class AttentionPoolRule(Rule):
         return Traits(output=False, remainder="attention" if self.mode == "attnlrp" else "stabilizer")
 
 
-__all__ = ["AttentionPoolRule"]
+class CheferAttentionPoolRule(Rule):
+    """Chefer, Gur & Wolf 2021's attention rule (:class:`~lrpkit.rules.chefer.CheferAttentionRule`) on
+    :class:`~lrpkit.layers.AttentionPool`, per head:
+
+    - ``y = A v``: ``s = sdiv(R_y, y)``; ``R_A = A ⊙ (s vᵀ) / 2``, ``R_v = v ⊙ (Aᵀ s) / 2``;
+    - the softmax passes: the relevance of ``dots = q kᵀ`` is ``R_A``;
+    - ``dots``: ``s' = sdiv(R_A, dots)``; ``R_k = k ⊙ (s'ᵀ q) / 2``; the query's half stays with the latent (a
+      parameter; reported as ``latent_query``); the k-norm passes;
+    - ``[R_k, R_v]`` through the key/value projection with ``linear_rule`` (α1β0, bias ignored).
+
+    ``R_A`` (B, heads, L, N − start) is handed out under :data:`~lrpkit.rules.chefer.ATTENTION_RELEVANCE`, the
+    attention probabilities with the recording pass's graph under :data:`~lrpkit.rules.chefer.ATTENTION` (where the
+    tape keeps one), as the blocks' rule does; nothing below ``R_A`` is computed where the tape stops after this
+    step. The prefix tokens the pool leaves out get zero.
+    """
+
+    targets = ()
+    accepted = (AttentionPool,)
+
+    def __init__(self, linear_rule=None, epsilon: float | None = None):
+        from .chefer import SAFE_EPS, CheferLinearRule
+
+        linear_rule = linear_rule if linear_rule is not None else CheferLinearRule()
+        if not isinstance(linear_rule, CheferLinearRule):
+            raise TypeError(f"CheferAttentionPoolRule needs a CheferLinearRule for its projection (it keeps the "
+                            f"forward graph for the attention gradients), got {linear_rule!r}")
+        self.linear_rule, self.epsilon = linear_rule, SAFE_EPS if epsilon is None else epsilon
+
+    def check(self, layer):
+        super().check(layer)
+        if not isinstance(layer.k_norm, (nn.Identity, nn.LayerNorm)):
+            raise IncompatibleRuleError(f"CheferAttentionPoolRule passes relevance through a LayerNorm k-norm; got "
+                                        f"{type(layer.k_norm).__name__}")
+
+    def prepare(self, layer: AttentionPool):
+        sub = Step(layer.kv, self.linear_rule, -1, "kv", "kv")
+        sub.state = self.linear_rule.prepare(layer.kv)
+        return sub
+
+    def forward(self, step: Step, x: torch.Tensor, tape) -> Record:
+        from .chefer import ATTENTION, _kept
+
+        layer = step.layer
+        kv = self.linear_rule.forward(step.state, layer.tokens(x), tape)  # keeps the graph of x, if it has one
+        k, v = (layer.split_heads(t) for t in kv.output.chunk(2, dim=-1))
+        kn = layer.k_norm(k)
+        with torch.no_grad():
+            q = layer.query().expand(x.shape[0], -1, -1, -1)
+        attn = ((q * layer.scale) @ kn.transpose(-2, -1)).softmax(-1)
+        y = attn @ v
+        if attn.requires_grad:
+            tape.hand_out(step, ATTENTION, attn)
+        extras = {"kv": kv, "q": q, "kn": kn.detach(), "v": v.detach(), "attn": attn.detach(), "y": y.detach()}
+        return Record(_kept(x), layer.merge_heads(y), extras=extras)
+
+    def lrp(self, step: Step, rec: Record, R: torch.Tensor, tape) -> torch.Tensor | None:
+        from .chefer import ATTENTION_RELEVANCE, safe_divide
+
+        layer, e = step.layer, rec.extras
+        with torch.no_grad():
+            s = safe_divide(layer.split_heads(R) * 0.5, e["y"], self.epsilon)  # the halves folded into s
+            R_attn = (s @ e["v"].transpose(-2, -1)).mul_(e["attn"])
+            tape.hand_out(step, ATTENTION_RELEVANCE, R_attn)
+            if not tape.needed(step):
+                return None
+            R_v = (e["attn"].transpose(-2, -1) @ s).mul_(e["v"])
+            q, kn = e["q"], e["kn"]
+            s2 = safe_divide(R_attn, q @ kn.transpose(-2, -1), self.epsilon)
+            R_k = (s2.transpose(-2, -1) @ q).mul_(kn).mul_(0.5)
+            rec.absorbed["latent_query"] = per_sample((s2 @ kn).mul_(q).mul_(0.5))
+            R_kv = torch.cat([layer.merge_heads(R_k), layer.merge_heads(R_v)], dim=-1)
+        R_tokens = self.linear_rule.lrp(step.state, e["kv"], R_kv, tape)
+        if not layer.start:
+            return R_tokens
+        R_in = R_tokens.new_zeros(rec.input.shape)
+        R_in[:, layer.start:] = R_tokens
+        return R_in
+
+    def traits(self, layer) -> Traits:
+        return Traits(output=False)
+
+
+__all__ = ["AttentionPoolRule", "CheferAttentionPoolRule"]
