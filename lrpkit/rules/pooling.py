@@ -24,6 +24,7 @@ from ..propagate import Record, Step, per_sample
 from ..traits import Traits
 from .base import IncompatibleRuleError, Rule, divide
 from .basic import EpsilonRule
+from .chefer import ATTENTION, ATTENTION_RELEVANCE, SAFE_EPS, CheferLinearRule, _kept, safe_divide
 from .transformer import _linear_rows, _norm_lrp, bilinear_lrp
 
 
@@ -142,14 +143,12 @@ class CheferAttentionPoolRule(Rule):
     targets = ()
     accepted = (AttentionPool,)
 
-    def __init__(self, linear_rule=None, epsilon: float | None = None):
-        from .chefer import SAFE_EPS, CheferLinearRule
-
+    def __init__(self, linear_rule: CheferLinearRule | None = None, epsilon: float = SAFE_EPS):
         linear_rule = linear_rule if linear_rule is not None else CheferLinearRule()
         if not isinstance(linear_rule, CheferLinearRule):
             raise TypeError(f"CheferAttentionPoolRule needs a CheferLinearRule for its projection (it keeps the "
                             f"forward graph for the attention gradients), got {linear_rule!r}")
-        self.linear_rule, self.epsilon = linear_rule, SAFE_EPS if epsilon is None else epsilon
+        self.linear_rule, self.epsilon = linear_rule, epsilon
 
     def check(self, layer):
         super().check(layer)
@@ -163,8 +162,6 @@ class CheferAttentionPoolRule(Rule):
         return sub
 
     def forward(self, step: Step, x: torch.Tensor, tape) -> Record:
-        from .chefer import ATTENTION, _kept
-
         layer = step.layer
         kv = self.linear_rule.forward(step.state, layer.tokens(x), tape)  # keeps the graph of x, if it has one
         k, v = (layer.split_heads(t) for t in kv.output.chunk(2, dim=-1))
@@ -179,8 +176,6 @@ class CheferAttentionPoolRule(Rule):
         return Record(_kept(x), layer.merge_heads(y), extras=extras)
 
     def lrp(self, step: Step, rec: Record, R: torch.Tensor, tape) -> torch.Tensor | None:
-        from .chefer import ATTENTION_RELEVANCE, safe_divide
-
         layer, e = step.layer, rec.extras
         with torch.no_grad():
             s = safe_divide(layer.split_heads(R) * 0.5, e["y"], self.epsilon)  # the halves folded into s
