@@ -11,6 +11,7 @@ pool's query (after its q-norm) is made a leaf there, so that its gradient × va
 """
 
 import copy
+import csv
 import math
 import types
 from functools import partial
@@ -105,19 +106,6 @@ def test_forward_is_exact(config):
     model64, x64 = model.double(), x.double()
     with torch.no_grad():
         assert relative(lrpkit.canonize(model64)(x64), model64(x64)) < 1e-10
-
-
-def test_named_siglip_model_forward_is_exact():
-    """vit_base_patch16_siglip_224 as timm builds it (12 blocks of width 768, 224 px), perturbed."""
-    torch.manual_seed(0)
-    model = perturb(timm.create_model("vit_base_patch16_siglip_224", pretrained=False).eval())
-    assert model.global_pool == "map" and model.cls_token is None
-    x = image(1, size=224)
-    with torch.no_grad():
-        expected = model(x)
-        assert relative(lrpkit.canonize(model)(x), expected) < 1e-5
-    e = lrpkit.LRP(model, presets.CPLRP())(x)
-    assert torch.isfinite(e.relevance).all() and torch.equal(e.target, expected.argmax(1))
 
 
 def test_chain_layout():
@@ -522,3 +510,46 @@ def test_named_architecture_with_weights_from_a_local_safetensors_file(tmp_path)
         assert relative(lrpkit.canonize(model)(x), source(x)) < 1e-5
     e = lrpkit.LRP(model, presets.CPLRP())(x)
     assert torch.isfinite(e.relevance).all() and torch.equal(e.target, source(x).argmax(1))
+
+
+def test_named_model_forward_and_lrpkit_explain_with_local_weights(tmp_path, capsys):
+    """vit_base_patch16_siglip_224 as timm builds it (12 blocks of width 768, 224 px), perturbed, with a 10-class head:
+    the canonized forward is exact, CPLRP runs on it, and ``lrpkit explain --model timm:NAME --weights FILE`` loads
+    its safetensors file (the head's size from the file), preprocesses with timm's data config and predicts what the
+    model predicts."""
+    from PIL import Image
+
+    from lrpkit import cli
+    from lrpkit.app.preprocess import Preprocess
+
+    name = "vit_base_patch16_siglip_224"
+    torch.manual_seed(0)
+    source = perturb(timm.create_model(name, pretrained=False, num_classes=10).eval())
+    assert source.global_pool == "map" and source.cls_token is None
+    x = image(1, size=224)
+    with torch.no_grad():
+        expected = source(x)
+        assert relative(lrpkit.canonize(source)(x), expected) < 1e-5
+    e = lrpkit.LRP(source, presets.CPLRP())(x)
+    assert torch.isfinite(e.relevance).all() and torch.equal(e.target, expected.argmax(1))
+
+    weights = tmp_path / "siglip.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(weights))
+    picture = tmp_path / "img.png"
+    Image.fromarray((torch.rand(240, 260, 3, generator=torch.Generator().manual_seed(3)) * 255).byte().numpy()
+                    ).save(picture)
+    out = tmp_path / "out"
+    code = cli.main(["explain", str(picture), "--model", f"timm:{name}", "--weights", str(weights), "--method",
+                     "lrp", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    prep = Preprocess.from_timm(source)
+    assert prep.size == (224, 224) and tuple(prep.mean) == (0.5, 0.5, 0.5)  # SigLIP's data config
+    with torch.no_grad():
+        logits = source(prep.normalize(prep.load(picture))[None])[0]
+    with (out / "summary.csv").open() as f:
+        row = next(csv.DictReader(f))
+    assert int(row["predicted"]) == int(logits.argmax())  # the 10-class head came from the file
+    assert float(row["predicted_logit"]) == pytest.approx(float(logits.max()), rel=1e-4, abs=1e-5)
+    with Image.open(out / "lrp" / "img.png") as png:
+        assert png.size == (224, 224)
+

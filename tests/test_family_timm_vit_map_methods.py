@@ -276,3 +276,18 @@ def test_vitcx_and_the_gradient_methods_run():
         assert torch.isfinite(method(x).heatmap).all()
     e = ViTCX(model, batch_size=32, seed=0, progress=False)(x)
     assert e.heatmap.shape == (1, 32, 32) and torch.isfinite(e.heatmap).all()
+
+
+def test_lrpkit_evaluate_runs_the_vit_methods_on_a_map_model(tmp_path):
+    """``lrpkit evaluate``'s default methods for the timm-vit family all apply to a 'map'-pooled model (none is
+    skipped as inapplicable) and give a complete result."""
+    from lrpkit.app.preprocess import Preprocess
+    from lrpkit.evaluate.runner import DEFAULT_METHODS_VIT, run_evaluation
+
+    logs = []
+    prep = Preprocess(size=(32, 32), resize=32, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), interpolation="bilinear")
+    result = run_evaluation(tmp_path, model=small_map_vit("siglip"), preprocess=prep, n=2, batch_size=2, steps=4,
+                            deletion_steps=4, log=logs.append)
+    assert result.complete and result.methods == list(DEFAULT_METHODS_VIT)
+    assert not [line for line in logs if line.startswith("skipping")]
+    assert "transformer-attribution" in result.methods and "rollout" in result.methods
