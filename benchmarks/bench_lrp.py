@@ -2,6 +2,7 @@
 
     uv run python benchmarks/bench_lrp.py --suite cnn    # ResNet-50, VGG16: Epsilon-only and EpsilonPlusFlat
     uv run python benchmarks/bench_lrp.py --suite vit    # vit_base_patch16_224: CPLRP (ε), CPLRP (γ on Linear)
+    uv run python benchmarks/bench_lrp.py --suite timm-siglip   # attention pooling ('map'): CPLRP, AttnLRP
 
 Random weights (nothing is downloaded); batch 1 and 8 by default; ``--device cuda`` on a GPU machine.
 ``--against REV`` also times the package as it was at git revision REV (benchmarks/reference.py) in the same rounds,
@@ -11,6 +12,7 @@ so that a change is measured old against new in one interleaved run:
 Targets (issues 2 and 3): ε-only ≤ 1.15× (CNN) / ≤ 1.2× (ViT), EpsilonPlusFlat ≤ 1.6×, CPLRP with γ ≤ 2×,
 peak memory ≤ 1.5× the input gradient's. Issue 13 (``--suite timm-beit``, beit_base_patch16_224): CPLRP ≤ 1.2×,
 AttnLRP ≤ 1.5×, memory ≤ 1.5×.
+peak memory ≤ 1.5× the input gradient's; issue 13 (timm-siglip): CPLRP ≤ 1.2×, AttnLRP ≤ 1.5×.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ SUITES = {
     "timm-convnext": [("timm:convnext_tiny", "epsilon")],
     "timm-resnet": [("timm:resnet50", "epsilon"), ("timm:resnet50", "EpsilonPlusFlat")],
     "timm-beit": [("timm:beit_base_patch16_224", "CPLRP"), ("timm:beit_base_patch16_224", "AttnLRP")],
+    "timm-siglip": [("timm:vit_base_patch16_siglip_224", "CPLRP"), ("timm:vit_base_patch16_siglip_224", "AttnLRP")],
 }
 
 

@@ -441,3 +441,70 @@ class SelfAttention(nn.Module):
                                                            scale=self.scale)
         out = self.ungroup(self.proj(self.norm(self.merge_heads(y))), batch)
         return (out, attn) if return_attention else out
+
+
+class AttentionPool(nn.Module):
+    """Attention pooling with learned latent queries (timm's ``AttentionPoolLatent``, the 'map' head of SigLIP), on
+    tokens (B, N, C):
+
+    ``q = norm_q(split(latent W_q + b_q))`` (1, heads, L, d), a constant of the model (``W_q`` the identity for
+    timm's ``q_proj=False``); ``k, v = split(x' W_kv + b_kv)`` over the tokens ``x' = x[:, start:]`` (``start``: the
+    prefix tokens the pool leaves out, timm's ``pool_include_prefix=False``), ``k = norm_k(k)``;
+    ``A = softmax(q kᵀ · scale)`` (B, heads, L, N − start); ``y = merge(A v)`` (B, L, heads·d).
+
+    The rest of timm's pool (its output projection, the residual MLP ``y + mlp(norm(y))`` and the choice of the
+    latent, ``'token'`` or ``'avg'``) are separate layers of the chain. ``forward(x, return_attention=True)`` also
+    returns A, which a fused attention never materialises.
+    """
+
+    def __init__(self, latent: torch.Tensor, q: nn.Module, kv: nn.Linear, num_heads: int, scale: float,
+                 q_norm: nn.Module | None = None, k_norm: nn.Module | None = None, start: int = 0):
+        super().__init__()
+        self.latent = nn.Parameter(latent.detach().clone(), requires_grad=False)
+        self.q, self.kv = q, kv
+        self.num_heads, self.scale, self.start = num_heads, scale, start
+        self.q_norm = q_norm if q_norm is not None else nn.Identity()
+        self.k_norm = k_norm if k_norm is not None else nn.Identity()
+
+    @property
+    def latent_len(self) -> int:
+        """L, the number of latent queries."""
+        return self.latent.shape[1]
+
+    def split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, N, H·d) -> (B, H, N, d)."""
+        return rearrange(t, "b n (h d) -> b h n d", h=self.num_heads)
+
+    @staticmethod
+    def merge_heads(t: torch.Tensor) -> torch.Tensor:
+        """(B, H, N, d) -> (B, N, H·d)."""
+        return rearrange(t, "b h n d -> b n (h d)")
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The tokens the pool attends to, ``x[:, start:]``."""
+        return x[:, self.start:] if self.start else x
+
+    def query(self) -> torch.Tensor:
+        """``norm_q(split(latent W_q + b_q))`` (1, H, L, d): the same for every input."""
+        return self.q_norm(self.split_heads(self.q(self.latent)))
+
+    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k (normalised) and v of the tokens ``x[:, start:]``, each (B, H, N − start, d)."""
+        k, v = self.kv(self.tokens(x)).chunk(2, dim=-1)
+        return self.k_norm(self.split_heads(k)), self.split_heads(v)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """``A = softmax(q kᵀ · scale)`` (B, H, L, N − start)."""
+        return torch.softmax((q * self.scale) @ k.transpose(-2, -1), dim=-1)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        q, (k, v) = self.query(), self.keys_values(x)
+        q = q.expand(x.shape[0], -1, -1, -1)
+        if return_attention:
+            attn = self.attention(q, k)
+            y = self.merge_heads(attn @ v)
+            return y, attn
+        return self.merge_heads(nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scale))
+
+    def extra_repr(self) -> str:
+        return f"latent_len={self.latent_len}, num_heads={self.num_heads}, start={self.start}"

@@ -14,6 +14,8 @@ from .layers import LayerNormalize, PositionalEmbedding, Scale, SelfAttention, S
 from .rules import (MAXPOOL_TYPES, AlphaBetaRule, EpsilonRule, FlatRule, GammaRule, GeneralizedGammaRule,
                     LayerNormRule, MaxPoolRule, PositionalEmbeddingRule, SelfAttentionRule, SkipConnectionRule, SumRule,
                     TokenMeanRule, ZBoxRule, ZPlusRule)
+from .layers import AttentionPool
+from .rules import AttentionPoolRule
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 AVGPOOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
@@ -30,6 +32,8 @@ def _base(conv_rule, linear_rule, epsilon: float, attention_mode: str = "cp") ->
                LayerNormalize: LayerNormRule(epsilon), Scale: EpsilonRule(epsilon),
                PositionalEmbedding: PositionalEmbeddingRule(epsilon), TokenMean: TokenMeanRule(epsilon),
                SkipConnection: SkipConnectionRule(epsilon), Sum: SumRule(epsilon)}
+    # attention pooling (SigLIP's 'map' head): the attention's mode, its value projection the Linear layers' rule
+    mapping[AttentionPool] = AttentionPoolRule(linear_rule, mode=attention_mode, epsilon=epsilon)
     return mapping
 
 

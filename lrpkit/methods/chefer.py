@@ -44,6 +44,10 @@ from ..rules.chefer import (ATTENTION, ATTENTION_RELEVANCE, CheferAttentionRule,
                             CheferSumRule, CheferTokenMeanRule, CheferZBoxRule, CheferZPlusRule)
 from .base import Explainer, NotApplicableError
 from .rollout import readout_weights
+from ..layers import AttentionPool
+from ..rules.pooling import CheferAttentionPoolRule
+from ._capture import attention_pool
+from .rollout import pool_readout
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -59,7 +63,8 @@ def chefer_composite(low=None, high=None, *, per_sample: bool = True) -> Composi
     - LayerNormalize, Scale (LayerNorm's affine part, LayerScale), GELU and the other activations, dropout:
       relevance passes unchanged;
     - SelfAttention: :class:`~lrpkit.rules.chefer.CheferAttentionRule` (both products split by gradient × input,
-      each half; softmax passes);
+      each half; softmax passes); AttentionPool (``global_pool='map'``): the same rule,
+      :class:`~lrpkit.rules.pooling.CheferAttentionPoolRule`, whose query is the latent (a constant);
     - SkipConnection / Sum: gradient × input split rescaled to ``|Σa| / (|Σa| + |Σb|) · ΣR``;
     - PositionalEmbedding: the same two-operand rule, the embedding's share dropped;
     - PatchFlatten and ClassToken keep their defaults (inverse reshape; prefix tokens' relevance dropped).
@@ -86,6 +91,7 @@ def chefer_composite(low=None, high=None, *, per_sample: bool = True) -> Composi
         SelectClassToken: CheferSelectTokenRule(),
         TokenMean: CheferTokenMeanRule(),
     }
+    mapping[AttentionPool] = CheferAttentionPoolRule(linear)  # the 'map' head (SigLIP): the same rule, query fixed
     return Composite(GlobalTypeMap(mapping), FirstLayerTypeMap({CONV: first}))
 
 
@@ -104,7 +110,19 @@ class _CheferExplainer(Explainer):
             if not isinstance(s.rule, CheferAttentionRule):
                 raise TypeError(f"{self.name} needs CheferAttentionRule on every SelfAttention layer; the composite "
                                 f"maps {s.rule!r} onto layer {s.index} ({s.name})")
-        self._reads_class_token = self._class_token_read(model)
+        #: the attention pool's step ('map'-pooled models, SigLIP), whose latent query is the read-out, or None
+        self.pool_step = next((s for s in every if isinstance(s.layer, AttentionPool)), None)
+        if self.pool_step is not None and not isinstance(self.pool_step.rule, CheferAttentionPoolRule):
+            raise TypeError(f"{self.name} needs CheferAttentionPoolRule on the attention pool; the composite maps "
+                            f"{self.pool_step.rule!r} onto layer {self.pool_step.index} ({self.pool_step.name})")
+        #: whether the head reads the class token (else the mean of the tokens, or the pool's query)
+        self._reads_class_token = self._class_token_read(model) if self.pool_step is None else False
+
+    def _pool_row(self, rel: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:
+        """The read-out row (B, N) of a 'map'-pooled model: the pool query's row of ``E_h[(G ⊙ R_A)⁺]``, or of
+        ``E_h[R_A⁺]`` without ``G`` (:func:`~lrpkit.methods.rollout.pool_readout`)."""
+        fused = (rel if grad is None else grad * rel).clamp(min=0).mean(1)
+        return pool_readout(self.chain, fused)
 
     def _class_token_read(self, model) -> bool:
         """Whether the head reads the class token (then the map is its row), or pools the tokens (then the map is
@@ -190,11 +208,16 @@ class TransformerAttribution(_CheferExplainer):
 
     def __call__(self, x: torch.Tensor, target=None) -> Explanation:
         needed = self.attention_steps[self.start_layer:]
-        grad_from = needed[0].index if needed else None
+        pooled = [self.pool_step] if self.pool_step is not None else []
+        grad_from = needed[0].index if needed else pooled[0].index if pooled else None
         output, t, tape = self._start(x, target, grad_from, grad_from)
         gh, gw = self.grid(x)
-        row = self._readout(self.num_prefix() + gh * gw, x).expand(output.shape[0], -1).clone()  # e_cls, or w
-        if needed:
+        n = self.num_prefix() + gh * gw
+        if self.pool_step is not None:  # replaced by the pool query's row below
+            row = torch.zeros(output.shape[0], n, dtype=x.dtype, device=x.device)
+        else:
+            row = self._readout(n, x).expand(output.shape[0], -1).clone()  # e_cls, or the head's mean w
+        if needed or pooled:
             attns = [a for _, a in sorted(tape.handed.pop(ATTENTION), key=lambda item: item[0])]
             try:
                 with torch.enable_grad():
@@ -206,6 +229,9 @@ class TransformerAttribution(_CheferExplainer):
             del attns  # the records keep A until the reverse loop has passed each block
             rel = self._relevances(tape, output, t)
             with torch.no_grad():
+                if pooled:  # the read-out is the pool's latent query: its row of E_h[(G ⊙ R_A)⁺] starts the product
+                    row = self._pool_row(rel[pooled[0].index], grads[-1]).to(row.dtype)
+                    grads = grads[:-1]
                 for step, grad in zip(reversed(needed), reversed(grads)):
                     a_bar = (grad * rel[step.index]).clamp_(min=0).mean(1)  # (B, N, N)
                     row = row + (row.unsqueeze(1) @ a_bar).squeeze(1)
@@ -225,9 +251,11 @@ class PartialLRP(_CheferExplainer):
     name = "PartialLRP"
 
     def __call__(self, x: torch.Tensor, target=None) -> Explanation:
-        last = self.attention_steps[-1]
+        last = self.pool_step if self.pool_step is not None else self.attention_steps[-1]
         output, t, tape = self._start(x, target, last.index)
         rel = self._relevances(tape, output, t)[last.index]
+        if self.pool_step is not None:  # the last attention is the pool's; its latent query is the read-out
+            return self._explanation(x, output, t, self._pool_row(rel))
         if self._reads_class_token:
             row = rel[:, :, 0].clamp(min=0).mean(1)  # (B, N)
         else:
