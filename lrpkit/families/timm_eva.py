@@ -212,7 +212,7 @@ def _check_model(model) -> None:
             raise _unsupported(model, f"a subclass of Eva that overrides {name}()")
     if model.dynamic_img_size:
         raise _unsupported(model, "dynamic_img_size (the rotary and positional embeddings follow the input's "
-                                  "grid); create the model with a fixed img_size")
+                                  "grid; create the model with a fixed img_size)")
     if getattr(model, "attn_pool", None) is not None:
         raise _unsupported(model, "attention pooling (global_pool='map')")
     if model.global_pool not in ("avg", "token"):

@@ -115,7 +115,9 @@ class LayerNormRule(_ClosedFormRule):
     def lrp(self, step, rec, R, tape):
         x, dim = rec.input, step.layer.dim  # dim: the normalised dimension (-1; 1 for timm's LayerNorm2d)
         sigma = step.layer.sigma(x)
-        y = (x - x.mean(dim, keepdim=True)) / sigma
+        # y as the forward computed it (and R was derived from): in bfloat16, (x − μ)/σ evaluated step by step
+        # rounds differently from layer_norm, and R / y would amplify the difference where y is small
+        y = step.layer(x)
         s = divide(R, y, self.epsilon)
         return x / sigma * (s - s.mean(dim, keepdim=True))
 
