@@ -575,3 +575,188 @@ def test_bfloat16_forward_and_relevance_stay_close_to_float32():
     e16 = lrpkit.LRP(model16, presets.CPLRP())(x.to(torch.bfloat16), target=e32.target)
     cos = F.cosine_similarity(e32.patch_relevance.flatten(), e16.patch_relevance.float().flatten(), dim=0)
     assert cos > 0.9, cos
+
+
+# -- methods -------------------------------------------------------------------------------------------------------
+
+def timm_attention(model, x, target):
+    """Logits, the attention probabilities A_b of every block and ∂y_target/∂A_b from timm itself (EvaAttention's
+    non-fused path, hooks on attn_drop, which sees the softmax output of the rotated q and k)."""
+    model = copy.deepcopy(model)
+    store = []
+
+    def hook(module, inputs, out):
+        out.retain_grad()
+        store.append(out)
+
+    for block in model.blocks:
+        block.attn.fused_attn = False
+        block.attn.attn_drop.register_forward_hook(hook)
+    logits = model(x)
+    logits[:, target].sum().backward()
+    return logits.detach(), [a.detach() for a in store], [a.grad for a in store]
+
+
+def test_attention_methods_read_timms_rotated_attention():
+    from lrpkit.methods import AttentionGradCAM, AttentionRollout, GenericAttention, GradientRollout, RawAttention
+    from lrpkit.methods.rollout import gradient_rollout, normalize_rows, rollout
+
+    model = small_eva("half-rope+qk-norm+layer-scale+registers")  # 3 prefix tokens, avg pooling over 9 patches
+    x = image(3)
+    logits, attns, grads = timm_attention(model, x, target=2)
+
+    def readout(m):  # the avg-pooled model reads the mean of the patch rows (tokens 3..11), over the patch columns
+        return m[:, 3:].mean(1)[:, 3:].reshape(3, 3, 3)
+
+    raw = RawAttention(model)(x, target=2)
+    assert torch.allclose(raw.token_relevance, readout(attns[-1].mean(1)), atol=1e-6)
+    generic = GenericAttention(model)(x, target=2)
+    r = torch.eye(12).repeat(3, 1, 1)
+    for a, g in zip(attns, grads):
+        r = r + (g * a).clamp(min=0).mean(1) @ r
+    assert torch.allclose(generic.token_relevance, readout(r), atol=1e-6)
+    cam = AttentionGradCAM(model)(x, target=2)
+    a, g = attns[-1][:, :, 3:].mean(2), grads[-1][:, :, 3:].mean(2)  # the read-out rows per head
+    expected = (g[..., 3:].mean(-1, keepdim=True) * a).mean(1).clamp(min=0)[:, 3:].reshape(3, 3, 3)
+    assert torch.allclose(cam.token_relevance, expected, atol=1e-6)
+    roll = AttentionRollout(model)(x, target=2)
+    assert torch.allclose(roll.token_relevance, readout(rollout([normalize_rows(a.mean(1)) for a in attns])),
+                          atol=1e-6)
+    grad_roll = GradientRollout(model)(x, target=2)
+    assert torch.allclose(grad_roll.token_relevance, readout(gradient_rollout(attns, grads, protect=0)), atol=1e-6)
+    for e in (raw, generic, cam, roll, grad_roll):
+        assert torch.allclose(e.output, logits, atol=1e-5) and e.patch_relevance.shape == (3, 3, 3)
+
+
+def test_gradient_methods_and_vitcx():
+    from lrpkit.methods import Gradient, InputXGradient, IntegratedGradients, SmoothGrad, ViTCX
+
+    model = small_eva("swiglu+scale_mlp+separate-qkv")
+    x = image(2)
+    xr = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(model(xr)[:, 1].sum(), xr)
+    assert torch.allclose(Gradient(model)(x, target=1).relevance, grad, atol=1e-6)
+    assert torch.allclose(InputXGradient(model)(x, target=1).relevance, x * grad, atol=1e-6)
+    for method in (IntegratedGradients(model, steps=4), SmoothGrad(model, n=2, seed=0)):
+        e = method(x, target=1)
+        assert e.relevance.shape == x.shape and torch.isfinite(e.relevance).all()
+    # ViT-CX: its feature maps are the input of the last block's attention, timm's blocks[-1].norm1 output
+    vitcx = ViTCX(model, seed=0, progress=False, batch_size=8)
+    seen = []
+    model.blocks[-1].norm1.register_forward_hook(lambda m, i, o: seen.append(o.detach()))
+    with torch.no_grad():
+        model(x)
+    _, feats = vitcx.features(x)
+    assert torch.allclose(feats, seen[0][:, 1:].transpose(1, 2).reshape(2, 32, 3, 3), atol=1e-5)
+    e = vitcx(x, target=1)
+    assert e.heatmap.shape == (2, 42, 42) and torch.isfinite(e.heatmap).all()
+
+
+# today CheferAttentionRule refuses a rotary embedding (IncompatibleRuleError, a TypeError); a wrong number after
+# the merge is an AssertionError and fails these tests instead of passing as expected failures
+@pytest.mark.xfail(strict=True, raises=TypeError, reason="needs Chefer rope support from the BEiT branch")
+@pytest.mark.parametrize("method", ["TransformerAttribution", "PartialLRP"])
+def test_chefer_methods_on_a_class_token_eva_with_rope(method):
+    """On a class-token EVA (global_pool='token'), a rotary embedding whose angles are all 0 (cos 1, sin 0) is the
+    identity: Chefer's methods must give what they give on the same model without RoPE; and on the real
+    rotation, a finite map that follows the target."""
+    from lrpkit import methods
+
+    cls = getattr(methods, method)
+    rotated = small_eva("token-pool+pre-norm+no-embed-class")
+    identity = copy.deepcopy(rotated)
+    d = identity.rope.pos_embed.shape[-1] // 2
+    identity.rope.pos_embed[:, :d] = 0.0  # sin
+    identity.rope.pos_embed[:, d:] = 1.0  # cos
+    plain = copy.deepcopy(identity)
+    plain.rope = None
+    x = image(2)
+    expected = cls(plain)(x, target=1).token_relevance
+    assert torch.allclose(cls(identity)(x, target=1).token_relevance, expected, atol=1e-6)
+    explainer = cls(rotated)
+    a, b = explainer(x, target=1), explainer(x, target=3)
+    assert torch.isfinite(a.token_relevance).all() and a.token_relevance.shape == (2, 3, 3)
+    assert not torch.allclose(a.token_relevance, b.token_relevance)
+    assert not torch.allclose(a.token_relevance, expected)  # the rotation changes the attention
+
+
+@pytest.mark.xfail(strict=True, raises=TypeError,
+                   reason="needs Chefer rope support from the BEiT branch, and a read-out of the patch-token mean "
+                          "(EVA-02 pools with global_pool='avg'; today a NotApplicableError)")
+@pytest.mark.parametrize("method", ["TransformerAttribution", "PartialLRP"])
+def test_chefer_methods_on_the_eva02_layout(method):
+    from lrpkit import methods
+
+    model = small_eva("glu+fused-qkv")
+    e = getattr(methods, method)(model)(image(2), target=1)
+    assert torch.isfinite(e.token_relevance).all() and e.token_relevance.shape == (2, 3, 3)
+
+
+def test_chefer_methods_refuse_rope_clearly_today():
+    """What the xfail tests above meet today: a clear error, not a silently wrong map."""
+    from lrpkit import methods
+
+    with pytest.raises(TypeError, match="rotary embedding"):
+        methods.TransformerAttribution(small_eva("token-pool+pre-norm+no-embed-class"))
+
+
+# -- weights and the command line ------------------------------------------------------------------------------------
+
+def test_named_model_weights_from_a_local_safetensors_file(tmp_path):
+    """``eva02_tiny_patch14_224`` (a MIM model without a head, num_classes=0) with a 4-class head in the file:
+    the app's loader builds the head from the file, the weights are the file's, the preprocessing timm's."""
+    from safetensors.torch import save_file
+
+    from lrpkit import catalog
+
+    torch.manual_seed(3)
+    source = perturb(timm.create_model("eva02_tiny_patch14_224", pretrained=False, num_classes=4).eval())
+    weights = tmp_path / "eva02_tiny.safetensors"
+    save_file(source.state_dict(), str(weights))
+    model, prep = catalog.load_model("eva02_tiny_patch14_224", weights)
+    assert model.num_classes == 4 and prep.size == (224, 224) and prep.interpolation == "bicubic"
+    x = torch.randn(1, 3, 224, 224)
+    with torch.no_grad():
+        assert torch.equal(model(x), source(x))
+        assert relative(lrpkit.canonize(model)(x), source(x)) < 1e-5
+    assert catalog.class_names("eva02_tiny_patch14_224", model) is None  # 4 classes: no known names
+    headless, _ = catalog.load_model("eva02_tiny_patch14_224")
+    assert headless.num_classes == 0 and catalog.class_names("eva02_tiny_patch14_224", headless) is None
+
+
+def test_cli_explain_and_evaluate_accept_the_timm_name(tmp_path, capsys):
+    import csv
+
+    import numpy as np
+    from PIL import Image
+    from safetensors.torch import save_file
+
+    from lrpkit import catalog, cli
+
+    torch.manual_seed(4)
+    source = perturb(timm.create_model("eva02_tiny_patch14_224", pretrained=False, num_classes=3).eval())
+    weights = tmp_path / "w.safetensors"
+    save_file(source.state_dict(), str(weights))
+    picture = tmp_path / "img.png"
+    Image.fromarray((torch.rand(200, 240, 3) * 255).byte().numpy()).save(picture)
+    out = tmp_path / "explain"
+    code = cli.main(["explain", str(picture), "--model", "eva02_tiny_patch14_224", "--weights", str(weights),
+                     "--method", "lrp", "attnlrp", "--save-relevance", "npy", "--out", str(out)])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    model, prep = catalog.load_model("eva02_tiny_patch14_224", weights)
+    x = prep.normalize(prep.load(picture))[None]
+    with torch.no_grad():
+        expected = source(x)[0]
+    with (out / "summary.csv").open() as f:
+        row = next(csv.DictReader(f))
+    assert int(row["predicted"]) == int(expected.argmax())  # timm's model with the weights from the file
+    lrp = catalog.make_method("lrp", model, prep, 0)(x, None)
+    saved = np.load(out / "lrp" / "img.relevance.npy")
+    assert np.allclose(saved, lrp.relevance[0].numpy(), rtol=1e-4, atol=1e-6 * float(lrp.relevance.abs().max()))
+    code = cli.main(["evaluate", "--model", "eva02_tiny_patch14_224", "--weights", str(weights), "--n", "1",
+                     "--method", "lrp", "rollout", "--steps", "2", "--deletion-steps", "2", "--out",
+                     str(tmp_path / "evaluate"), "--quiet"])
+    captured = capsys.readouterr()
+    assert code == 0, captured.err
+    assert [line.split()[0] for line in captured.out.splitlines()[2:4]] == ["lrp", "rollout"]
