@@ -119,6 +119,12 @@ def test_the_rotary_embedding_matters_and_is_timms():
         rope = Rotary(*emb.chunk(2, -1), num_prefix=1, half=half)
         expected = torch.cat([t[:, :, :1], apply_rot_embed_cat(t[:, :, 1:], emb, half=half)], dim=2)
         assert torch.equal(rope(t), expected)
+        # its transpose (what the AttnLRP rule passes relevance back through) is autograd's vector-Jacobian product
+        s = torch.randn_like(t)
+        tr = t.clone().requires_grad_(True)
+        (vjp,) = torch.autograd.grad(rope(tr), tr, s)
+        assert torch.allclose(rope.transpose(s), vjp, atol=1e-6) and torch.equal(rope.transpose(s)[:, :, :1],
+                                                                                   s[:, :, :1])
     # without its rotary embedding the canonized model computes something else: the rotation is not a no-op
     model = small_eva()
     chain = lrpkit.canonize(model)

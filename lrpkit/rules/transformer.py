@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers import (ClassToken, LayerNormalize, PatchFlatten, PositionalEmbedding, SelectClassToken,
+from ..layers import (ClassToken, LayerNormalize, PatchFlatten, PositionalEmbedding, Rotary, SelectClassToken,
                       SelfAttention, TokenMean)
 from ..propagate import Record, Step, per_sample
 from ..traits import Traits
@@ -275,9 +275,11 @@ def _regroup(per_group: torch.Tensor, batch: int) -> torch.Tensor:
 
 def _rope_lrp(rope: nn.Module, x: torch.Tensor, y: torch.Tensor, R: torch.Tensor, eps: float) -> torch.Tensor:
     """LRP-ε through a rotary embedding ``y = rope(x)`` (linear, no bias): ``R_x = x ⊙ Jᵀ (R / stab(y))``; the
-    identity passes ``R``."""
+    identity passes ``R``. ``Jᵀ`` in closed form for a :class:`~lrpkit.layers.Rotary`, else by autograd."""
     if isinstance(rope, nn.Identity):
         return R
+    if isinstance(rope, Rotary):
+        return x * rope.transpose(divide(R, y, eps))
     with torch.enable_grad():
         x_ = x.detach().requires_grad_(True)
         (g,) = torch.autograd.grad(rope(x_), x_, divide(R, y, eps))
