@@ -156,7 +156,7 @@ def _attention(attn, path: str, model) -> SelfAttention:
 
 
 def _product(signal: list, gate: list, path: str) -> tuple:
-    """``signal ⊙ gate`` as a Multiply of two branches on the same input."""
+    """``signal ⊙ gate`` as a Multiply of two branches on the same input, named after the MLP that computes it."""
     return path, Multiply(make_chain(signal), make_chain(gate))
 
 
@@ -172,11 +172,10 @@ def _mlp(mlp, path: str, model) -> list:
         h = mlp.fc1.out_features // 2
         first, second = _rows(mlp.fc1, slice(0, h)), _rows(mlp.fc1, slice(h, 2 * h))
         signal, gate = (first, second) if mlp.gate_last else (second, first)  # the gate is the act(...) half
-        product = _product([(fc1, signal)], [(fc1, gate), (act, copy_layer(mlp.act))], join(path, "glu"))
+        product = _product([(fc1, signal)], [(fc1, gate), (act, copy_layer(mlp.act))], path)
     elif type(mlp) is SwiGLU:
         product = _product([(join(path, "fc1_x"), copy_layer(mlp.fc1_x))],
-                           [(join(path, "fc1_g"), copy_layer(mlp.fc1_g)), (act, copy_layer(mlp.act))],
-                           join(path, "glu"))
+                           [(join(path, "fc1_g"), copy_layer(mlp.fc1_g)), (act, copy_layer(mlp.act))], path)
     elif type(mlp) is Mlp:
         return [(fc1, copy_layer(mlp.fc1)), (act, copy_layer(mlp.act))] + norm + [(fc2, copy_layer(mlp.fc2))]
     else:
