@@ -330,19 +330,38 @@ class Rotary(nn.Module):
         self.register_buffer("sin", sin.detach().clone())
         self.register_buffer("cos", cos.detach().clone())
         self.num_prefix, self.half = num_prefix, half
+        # rot(t) = swap(t) ⊙ sign with sign = (−1, +1, −1, ...) (interleaved) or (−1, ..., −1, +1, ..., +1) (half);
+        # the sign folded into sin once: the products are the same numbers (a negation is exact)
+        d = sin.shape[-1]
+        sign = torch.tensor([-1.0, 1.0]).repeat_interleave(d // 2) if half else torch.tensor([-1.0, 1.0]).repeat(d // 2)
+        self.register_buffer("sign", sign.to(sin.dtype), persistent=False)
+        self.register_buffer("signed_sin", self.sin * self.sign, persistent=False)
+
+    def swap(self, t: torch.Tensor) -> torch.Tensor:
+        """The channels of each pair exchanged: ``[x0, x1, ...] ↦ [x1, x0, ...]`` (interleaved) or ``[a, b] ↦ [b, a]``
+        (half)."""
+        if self.half:
+            return t.roll(t.shape[-1] // 2, dims=-1)
+        return t.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
 
     def rotate(self, t: torch.Tensor) -> torch.Tensor:
         """``rot(t)``: every channel pair turned by 90°."""
-        if self.half:
-            a, b = t.chunk(2, dim=-1)
-            return torch.cat([-b, a], dim=-1)
-        return torch.stack([-t[..., 1::2], t[..., ::2]], -1).reshape(t.shape)
+        return self.swap(t) * self.sign
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         p = self.num_prefix
         body = t[:, :, p:]
-        body = (body * self.cos + self.rotate(body) * self.sin).to(t.dtype)
+        body = (body * self.cos + self.swap(body) * self.signed_sin).to(t.dtype)  # t ⊙ cos + rot(t) ⊙ sin
         return torch.cat([t[:, :, :p], body], dim=2) if p else body
+
+    def transpose(self, s: torch.Tensor) -> torch.Tensor:
+        """``Jᵀ s``, the rotation's transpose applied to ``s`` (B, H, N, d) (it turns back): ``s ⊙ cos −
+        rot(s ⊙ sin)``, since ``rot`` is antisymmetric; the prefix tokens pass ``s``. The rules use it for the
+        relevance through the rotation."""
+        p = self.num_prefix
+        body = s[:, :, p:]
+        body = (body * self.cos - self.rotate(body * self.sin)).to(s.dtype)
+        return torch.cat([s[:, :, :p], body], dim=2) if p else body
 
     def extra_repr(self) -> str:
         return f"tokens={self.sin.shape[0]}, head_dim={self.sin.shape[-1]}, num_prefix={self.num_prefix}, " \

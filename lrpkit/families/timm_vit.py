@@ -65,12 +65,13 @@ def _is_identity(m) -> bool:
     return m is None or isinstance(m, (nn.Identity, nn.Dropout))
 
 
-def _norm(norm: nn.Module, path: str, model) -> list:
-    """LayerNorm -> LayerNormalize + Scale (affine part); Identity -> nothing."""
+def _norm(norm: nn.Module, path: str, model, unsupported=_unsupported) -> list:
+    """LayerNorm -> LayerNormalize + Scale (affine part); Identity -> nothing. ``unsupported(model, what)``: the
+    error for anything else (another family passes its own)."""
     if _is_identity(norm):
         return []
     if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:
-        raise _unsupported(model, f"the norm layer {path} ({type(norm).__name__})")
+        raise unsupported(model, f"the norm layer {path} ({type(norm).__name__})")
     entries = [(path, LayerNormalize(norm.eps))]
     if norm.weight is not None or norm.bias is not None:
         weight = norm.weight if norm.weight is not None else torch.ones(norm.normalized_shape)
@@ -157,17 +158,20 @@ def _prefix_tokens(model) -> tuple[list[torch.Tensor], list[str]]:
     return tokens, kinds
 
 
-def _embedding(model, path: str) -> list:
+def _embedding(model, path: str, unsupported=_unsupported) -> list:
+    """Patch projection, positional embedding, flatten and prefix tokens of a model with timm's ``patch_embed``,
+    ``cls_token`` / ``reg_token``, ``pos_embed``, ``no_embed_class`` and ``dynamic_img_size`` (ViT, and EVA,
+    whose family passes its own error ``unsupported(model, what)``)."""
     from timm.layers import PatchEmbed
 
     pe = model.patch_embed
     if type(pe) is not PatchEmbed or not isinstance(getattr(pe, "proj", None), nn.Conv2d):
-        raise _unsupported(model, f"the patch embedding {type(pe).__name__} (only timm's PatchEmbed with a Conv2d "
-                                  f"projection)")
+        raise unsupported(model, f"the patch embedding {type(pe).__name__} (only timm's PatchEmbed with a Conv2d "
+                                 f"projection)")
     if not _is_identity(getattr(pe, "norm", None)):
-        raise _unsupported(model, "a norm inside the patch embedding (embed norm)")
+        raise unsupported(model, "a norm inside the patch embedding (embed norm)")
     if getattr(pe, "dynamic_img_pad", False):
-        raise _unsupported(model, "dynamic_img_pad")
+        raise unsupported(model, "dynamic_img_pad")
     entries = [(join(path, "patch_embed.proj"), copy_layer(pe.proj))]
     tokens, kinds = _prefix_tokens(model)
     n_prefix = len(kinds)
@@ -177,8 +181,8 @@ def _embedding(model, path: str) -> list:
         grid = tuple(pe.grid_size)
         n_pos_prefix = 0 if getattr(model, "no_embed_class", False) else n_prefix
         if pos.shape[1] != n_pos_prefix + grid[0] * grid[1]:
-            raise _unsupported(model, f"a pos_embed of {pos.shape[1]} entries for {n_pos_prefix} prefix tokens and a "
-                                      f"{grid[0]}x{grid[1]} patch grid")
+            raise unsupported(model, f"a pos_embed of {pos.shape[1]} entries for {n_pos_prefix} prefix tokens and a "
+                                     f"{grid[0]}x{grid[1]} patch grid")
         patch_pos = pos[:, n_pos_prefix:].reshape(1, grid[0], grid[1], -1).permute(0, 3, 1, 2)
         dynamic = getattr(model, "dynamic_img_size", False)  # (BEiT, which shares this embedding, has neither)
         entries.append((join(path, "pos_embed"), PositionalEmbedding(patch_pos, dynamic=dynamic)))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers import (ClassToken, LayerNormalize, PatchFlatten, PositionalEmbedding, SelectClassToken,
+from ..layers import (ClassToken, LayerNormalize, PatchFlatten, PositionalEmbedding, Rotary, SelectClassToken,
                       SelfAttention, TokenMean)
 from ..propagate import Record, Step, per_sample
 from ..traits import Traits
@@ -115,7 +115,9 @@ class LayerNormRule(_ClosedFormRule):
     def lrp(self, step, rec, R, tape):
         x, dim = rec.input, step.layer.dim  # dim: the normalised dimension (-1; 1 for timm's LayerNorm2d)
         sigma = step.layer.sigma(x)
-        y = (x - x.mean(dim, keepdim=True)) / sigma
+        # y as the forward computed it (and R was derived from): in bfloat16, (x − μ)/σ evaluated step by step
+        # rounds differently from layer_norm, and R / y would amplify the difference where y is small
+        y = step.layer(x)
         s = divide(R, y, self.epsilon)
         return x / sigma * (s - s.mean(dim, keepdim=True))
 
@@ -217,12 +219,11 @@ class SelfAttentionRule(Rule):
             with torch.no_grad():
                 q, k, v = (layer.split_heads(t) for t in v_rec.output.detach().chunk(3, dim=-1))
                 qn, kn = layer.q_norm(q), layer.k_norm(k)
-                qr, kr = layer.rope(qn), layer.rope(kn)
-                scores = layer.scores(qr, kr)
-                attn = scores.softmax(-1)
-                y = attn @ v
-            extras = {"value": v_rec, "attn": attn, "q": q, "k": k, "qn": qn, "kn": kn, "qr": qr, "kr": kr, "v": v,
-                      "scores": scores, "y": y}
+                scores = layer.scores(layer.rope(qn), layer.rope(kn))
+                y = scores.softmax(-1) @ v
+            # A = softmax(S), the rotated q and k and y (the out projection's input) are recomputed in lrp, not
+            # kept: the record holds one (B, H, N, N) tensor per block instead of two
+            extras = {"value": v_rec, "q": q, "k": k, "qn": qn, "kn": kn, "v": v, "scores": scores}
         o_rec = self.out_rule.forward(sub["out"], layer.merge_heads(y), tape)
         extras["out"] = o_rec
         return Record(x, layer.ungroup(o_rec.output.detach(), x.shape[0]), extras=extras)
@@ -246,18 +247,18 @@ class SelfAttentionRule(Rule):
 
     def _attnlrp(self, layer: SelfAttention, e: dict, R_y: torch.Tensor, rec: Record, batch: int) -> torch.Tensor:
         eps = self.epsilon
-        R_attn, R_v = bilinear_lrp(e["attn"], e["v"], e["y"], R_y, eps, torch.matmul)
-        A, S = e["attn"], e["scores"]
+        S, qr, kr = e["scores"], layer.rope(e["qn"]), layer.rope(e["kn"])
+        A, y = S.softmax(-1), layer.split_heads(e["out"].input)  # as the forward computed them
+        R_attn, R_v = bilinear_lrp(A, e["v"], y, R_y, eps, torch.matmul)
         # softmax Taylor rule (Achtibat et al. 2024, Prop. 3.1): R_S = S ⊙ (R_A − A ⊙ Σ_j R_A)
         R_S = S * (R_attn - A * R_attn.sum(-1, keepdim=True))
         # S = q kᵀ·scale + B: the product's factors get half of its share each, the bias B its own share
-        R_qr, R_kr = bilinear_lrp(e["qr"], e["kr"], S, R_S, eps,
-                                  lambda q, k: (q * layer.scale) @ k.transpose(-2, -1))
-        bias = layer.score_bias(e["qr"])
+        R_qr, R_kr = bilinear_lrp(qr, kr, S, R_S, eps, lambda q, k: (q * layer.scale) @ k.transpose(-2, -1))
+        bias = layer.score_bias(qr)
         if bias is not None:
             rec.absorbed["attention_bias"] = _regroup(per_sample(bias * divide(R_S, S, eps)), batch)
-        R_qn = _rope_lrp(layer.rope, e["qn"], e["qr"], R_qr, eps)
-        R_kn = _rope_lrp(layer.rope, e["kn"], e["kr"], R_kr, eps)
+        R_qn = _rope_lrp(layer.rope, e["qn"], qr, R_qr, eps)
+        R_kn = _rope_lrp(layer.rope, e["kn"], kr, R_kr, eps)
         R_q = _norm_lrp(layer.q_norm, e["q"], e["qn"], R_qn, eps)
         R_k = _norm_lrp(layer.k_norm, e["k"], e["kn"], R_kn, eps)
         return torch.cat([layer.merge_heads(t) for t in (R_q, R_k, R_v)], dim=-1)
@@ -274,9 +275,11 @@ def _regroup(per_group: torch.Tensor, batch: int) -> torch.Tensor:
 
 def _rope_lrp(rope: nn.Module, x: torch.Tensor, y: torch.Tensor, R: torch.Tensor, eps: float) -> torch.Tensor:
     """LRP-ε through a rotary embedding ``y = rope(x)`` (linear, no bias): ``R_x = x ⊙ Jᵀ (R / stab(y))``; the
-    identity passes ``R``."""
+    identity passes ``R``. ``Jᵀ`` in closed form for a :class:`~lrpkit.layers.Rotary`, else by autograd."""
     if isinstance(rope, nn.Identity):
         return R
+    if isinstance(rope, Rotary):
+        return x * rope.transpose(divide(R, y, eps))
     with torch.enable_grad():
         x_ = x.detach().requires_grad_(True)
         (g,) = torch.autograd.grad(rope(x_), x_, divide(R, y, eps))
