@@ -38,7 +38,6 @@ from ..rules.chefer import (ATTENTION, ATTENTION_RELEVANCE, CheferAttentionRule,
 from .base import Explainer, NotApplicableError
 from ..layers import AttentionPool
 from ..rules.pooling import CheferAttentionPoolRule
-from ._capture import attention_pool
 from .rollout import pool_readout
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -176,7 +175,9 @@ class TransformerAttribution(_CheferExplainer):
     b = L..s), and the reverse loop stops at block s's attention: nothing below it (block s's qkv, the patch
     embedding) is computed. Batched; per-sample results equal those of the samples alone. Needs a class token
     that the head reads (``global_pool='token'``); for distilled models the class token's row is used (the
-    distillation token is a prefix token, not a patch).
+    distillation token is a prefix token, not a patch). A model with attention pooling (``global_pool='map'``,
+    SigLIP) is read through its pool: the product starts from the pool query's row of ``E_h[(G ⊙ R_A)⁺]``
+    (the pool is always included; ``start_layer`` counts the blocks below it).
 
     ``TransformerAttribution(model, start_layer=0)(x, target=None) -> Explanation``.
     """
@@ -224,7 +225,8 @@ class PartialLRP(_CheferExplainer):
     """"Partial LRP", a baseline of Chefer et al. 2021 (after Voita et al. 2019): the relevance ``R_L`` of the last
     block's attention probabilities under :func:`chefer_composite`, negatives clamped, mean over heads, the
     class-token row over the patch tokens: ``map = E_h[R_L⁺][cls, patches]``. The reverse loop stops at the last
-    block's attention (no gradients, nothing below it).
+    block's attention (no gradients, nothing below it). On a 'map'-pooled model the last attention is the pool's
+    and the row its query's.
 
     ``PartialLRP(model)(x, target=None) -> Explanation``.
     """
