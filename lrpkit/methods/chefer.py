@@ -46,7 +46,6 @@ from .base import Explainer, NotApplicableError
 from .rollout import readout_weights
 from ..layers import AttentionPool
 from ..rules.pooling import CheferAttentionPoolRule
-from ._capture import attention_pool
 from .rollout import pool_readout
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
@@ -191,7 +190,9 @@ class TransformerAttribution(_CheferExplainer):
     row is formed (``v ← v (I + Ā_b)`` for b = L..s, from ``v = e_cls`` or ``w``), and the reverse loop stops at
     block s's attention: nothing below it (block s's qkv, the patch embedding) is computed. Batched; per-sample
     results equal those of the samples alone. For distilled models the class token's row is used (the
-    distillation token is a prefix token, not a patch).
+    distillation token is a prefix token, not a patch). A model with attention pooling (``global_pool='map'``,
+    SigLIP) is read through its pool: the product starts from the pool query's row of ``E_h[(G ⊙ R_A)⁺]``
+    (the pool is always included; ``start_layer`` counts the blocks below it).
 
     ``TransformerAttribution(model, start_layer=0)(x, target=None) -> Explanation``.
     """
@@ -243,7 +244,8 @@ class PartialLRP(_CheferExplainer):
     block's attention probabilities under :func:`chefer_composite`, negatives clamped, mean over heads, the
     class-token row over the patch tokens: ``map = E_h[R_L⁺][cls, patches]`` (for a head that pools the patch
     tokens by their mean, the read-out row ``Σ_i w_i E_h[R_L⁺][i, patches]``). The reverse loop stops at the last
-    block's attention (no gradients, nothing below it).
+    block's attention (no gradients, nothing below it). On a 'map'-pooled model the last attention is the pool's
+    and the row its query's.
 
     ``PartialLRP(model)(x, target=None) -> Explanation``.
     """
