@@ -334,7 +334,7 @@ class Rotary(nn.Module):
         # the sign folded into sin once: the products are the same numbers (a negation is exact)
         d = sin.shape[-1]
         sign = torch.tensor([-1.0, 1.0]).repeat_interleave(d // 2) if half else torch.tensor([-1.0, 1.0]).repeat(d // 2)
-        self.register_buffer("sign", sign.to(sin.dtype), persistent=False)
+        self.register_buffer("sign", sign.to(self.sin), persistent=False)  # sin's dtype and device
         self.register_buffer("signed_sin", self.sin * self.sign, persistent=False)
 
     def swap(self, t: torch.Tensor) -> torch.Tensor:
