@@ -2,6 +2,8 @@
 
     uv run python benchmarks/bench_lrp.py --suite cnn    # ResNet-50, VGG16: Epsilon-only and EpsilonPlusFlat
     uv run python benchmarks/bench_lrp.py --suite vit    # vit_base_patch16_224: CPLRP (ε), CPLRP (γ on Linear)
+    uv run python benchmarks/bench_lrp.py --suite timm-siglip   # attention pooling ('map'): CPLRP, AttnLRP
+    uv run python benchmarks/bench_lrp.py --suite timm-eva --threads 2   # eva02_small_patch14_224: CPLRP, AttnLRP
     uv run python benchmarks/bench_lrp.py --suite timm-swin --threads 2   # swin_tiny_patch4_window7_224: CPLRP, AttnLRP
 
 Random weights (nothing is downloaded); batch 1 and 8 by default; ``--device cuda`` on a GPU machine.
@@ -10,7 +12,8 @@ so that a change is measured old against new in one interleaved run:
 
     uv run python benchmarks/bench_lrp.py --suite cnn --against c5a6677
 Targets (issues 2 and 3): ε-only ≤ 1.15× (CNN) / ≤ 1.2× (ViT), EpsilonPlusFlat ≤ 1.6×, CPLRP with γ ≤ 2×,
-peak memory ≤ 1.5× the input gradient's; issue 13 (Swin): CPLRP ≤ 1.2×, AttnLRP ≤ 1.5×, memory ≤ 1.5×.
+peak memory ≤ 1.5× the input gradient's. Issue 13 (suites timm-beit, timm-siglip, timm-eva, timm-swin): CPLRP ≤ 1.2×,
+AttnLRP ≤ 1.5×, memory ≤ 1.5×.
 """
 
 from __future__ import annotations
@@ -37,6 +40,9 @@ SUITES = {
     "timm-efficientnet": [("timm:efficientnet_b0", "epsilon"), ("timm:mobilenetv3_large_100", "epsilon")],
     "timm-convnext": [("timm:convnext_tiny", "epsilon")],
     "timm-resnet": [("timm:resnet50", "epsilon"), ("timm:resnet50", "EpsilonPlusFlat")],
+    "timm-beit": [("timm:beit_base_patch16_224", "CPLRP"), ("timm:beit_base_patch16_224", "AttnLRP")],
+    "timm-siglip": [("timm:vit_base_patch16_siglip_224", "CPLRP"), ("timm:vit_base_patch16_siglip_224", "AttnLRP")],
+    "timm-eva": [("timm:eva02_small_patch14_224", "CPLRP"), ("timm:eva02_small_patch14_224", "AttnLRP")],
     "timm-swin": [("timm:swin_tiny_patch4_window7_224", "CPLRP"), ("timm:swin_tiny_patch4_window7_224", "AttnLRP")],
 }
 

@@ -330,19 +330,38 @@ class Rotary(nn.Module):
         self.register_buffer("sin", sin.detach().clone())
         self.register_buffer("cos", cos.detach().clone())
         self.num_prefix, self.half = num_prefix, half
+        # rot(t) = swap(t) ⊙ sign with sign = (−1, +1, −1, ...) (interleaved) or (−1, ..., −1, +1, ..., +1) (half);
+        # the sign folded into sin once: the products are the same numbers (a negation is exact)
+        d = sin.shape[-1]
+        sign = torch.tensor([-1.0, 1.0]).repeat_interleave(d // 2) if half else torch.tensor([-1.0, 1.0]).repeat(d // 2)
+        self.register_buffer("sign", sign.to(self.sin), persistent=False)  # sin's dtype and device
+        self.register_buffer("signed_sin", self.sin * self.sign, persistent=False)
+
+    def swap(self, t: torch.Tensor) -> torch.Tensor:
+        """The channels of each pair exchanged: ``[x0, x1, ...] ↦ [x1, x0, ...]`` (interleaved) or ``[a, b] ↦ [b, a]``
+        (half)."""
+        if self.half:
+            return t.roll(t.shape[-1] // 2, dims=-1)
+        return t.unflatten(-1, (-1, 2)).flip(-1).flatten(-2)
 
     def rotate(self, t: torch.Tensor) -> torch.Tensor:
         """``rot(t)``: every channel pair turned by 90°."""
-        if self.half:
-            a, b = t.chunk(2, dim=-1)
-            return torch.cat([-b, a], dim=-1)
-        return torch.stack([-t[..., 1::2], t[..., ::2]], -1).reshape(t.shape)
+        return self.swap(t) * self.sign
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         p = self.num_prefix
         body = t[:, :, p:]
-        body = (body * self.cos + self.rotate(body) * self.sin).to(t.dtype)
+        body = (body * self.cos + self.swap(body) * self.signed_sin).to(t.dtype)  # t ⊙ cos + rot(t) ⊙ sin
         return torch.cat([t[:, :, :p], body], dim=2) if p else body
+
+    def transpose(self, s: torch.Tensor) -> torch.Tensor:
+        """``Jᵀ s``, the rotation's transpose applied to ``s`` (B, H, N, d) (it turns back): ``s ⊙ cos −
+        rot(s ⊙ sin)``, since ``rot`` is antisymmetric; the prefix tokens pass ``s``. The rules use it for the
+        relevance through the rotation."""
+        p = self.num_prefix
+        body = s[:, :, p:]
+        body = (body * self.cos - self.rotate(body * self.sin)).to(s.dtype)
+        return torch.cat([s[:, :, :p], body], dim=2) if p else body
 
     def extra_repr(self) -> str:
         return f"tokens={self.sin.shape[0]}, head_dim={self.sin.shape[-1]}, num_prefix={self.num_prefix}, " \
@@ -411,7 +430,13 @@ class SelfAttention(nn.Module):
 
     def score_bias(self, q: torch.Tensor) -> torch.Tensor | None:
         """The constant ``B`` added to the scores of the heads ``q`` (broadcastable to (B, H, N, N)), or None."""
-        return self.attn_bias
+        bias = self.attn_bias
+        if bias is not None and bias.shape[-1] != q.shape[-2]:
+            raise ValueError(f"this attention's score bias (a relative position bias) is fixed to {bias.shape[-1]} "
+                             f"tokens, but the input gives {q.shape[-2]}: the model was built for one image size; "
+                             f"resize the input to it (the model's data config), or rebuild the timm model for "
+                             f"this size (set_input_size) before explaining it")
+        return bias
 
     def scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """``S = q kᵀ · scale + B`` (B, H, N, N)."""
@@ -437,6 +462,71 @@ class SelfAttention(nn.Module):
         return (out, attn) if return_attention else out
 
 
+class AttentionPool(nn.Module):
+    """Attention pooling with learned latent queries (timm's ``AttentionPoolLatent``, the 'map' head of SigLIP), on
+    tokens (B, N, C):
+
+    ``q = norm_q(split(latent W_q + b_q))`` (1, heads, L, d), a constant of the model (``W_q`` the identity for
+    timm's ``q_proj=False``); ``k, v = split(x' W_kv + b_kv)`` over the tokens ``x' = x[:, start:]`` (``start``: the
+    prefix tokens the pool leaves out, timm's ``pool_include_prefix=False``), ``k = norm_k(k)``;
+    ``A = softmax(q kᵀ · scale)`` (B, heads, L, N − start); ``y = merge(A v)`` (B, L, heads·d).
+
+    The rest of timm's pool (its output projection, the residual MLP ``y + mlp(norm(y))`` and the choice of the
+    latent, ``'token'`` or ``'avg'``) are separate layers of the chain. ``forward(x, return_attention=True)`` also
+    returns A, which a fused attention never materialises.
+    """
+
+    def __init__(self, latent: torch.Tensor, q: nn.Module, kv: nn.Linear, num_heads: int, scale: float,
+                 q_norm: nn.Module | None = None, k_norm: nn.Module | None = None, start: int = 0):
+        super().__init__()
+        self.latent = nn.Parameter(latent.detach().clone(), requires_grad=False)
+        self.q, self.kv = q, kv
+        self.num_heads, self.scale, self.start = num_heads, scale, start
+        self.q_norm = q_norm if q_norm is not None else nn.Identity()
+        self.k_norm = k_norm if k_norm is not None else nn.Identity()
+
+    @property
+    def latent_len(self) -> int:
+        """L, the number of latent queries."""
+        return self.latent.shape[1]
+
+    def split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        """(B, N, H·d) -> (B, H, N, d)."""
+        return rearrange(t, "b n (h d) -> b h n d", h=self.num_heads)
+
+    @staticmethod
+    def merge_heads(t: torch.Tensor) -> torch.Tensor:
+        """(B, H, N, d) -> (B, N, H·d)."""
+        return rearrange(t, "b h n d -> b n (h d)")
+
+    def tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """The tokens the pool attends to, ``x[:, start:]``."""
+        return x[:, self.start:] if self.start else x
+
+    def query(self) -> torch.Tensor:
+        """``norm_q(split(latent W_q + b_q))`` (1, H, L, d): the same for every input."""
+        return self.q_norm(self.split_heads(self.q(self.latent)))
+
+    def keys_values(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """k (normalised) and v of the tokens ``x[:, start:]``, each (B, H, N − start, d)."""
+        k, v = self.kv(self.tokens(x)).chunk(2, dim=-1)
+        return self.k_norm(self.split_heads(k)), self.split_heads(v)
+
+    def attention(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """``A = softmax(q kᵀ · scale)`` (B, H, L, N − start)."""
+        return torch.softmax((q * self.scale) @ k.transpose(-2, -1), dim=-1)
+
+    def forward(self, x: torch.Tensor, return_attention: bool = False):
+        q, (k, v) = self.query(), self.keys_values(x)
+        q = q.expand(x.shape[0], -1, -1, -1)
+        if return_attention:
+            attn = self.attention(q, k)
+            y = self.merge_heads(attn @ v)
+            return y, attn
+        return self.merge_heads(nn.functional.scaled_dot_product_attention(q, k, v, scale=self.scale))
+
+    def extra_repr(self) -> str:
+        return f"latent_len={self.latent_len}, num_heads={self.num_heads}, start={self.start}"
 # --- Swin ---
 class WindowSelfAttention(SelfAttention):
     """Shifted-window multi-head self-attention (Swin; Liu et al. 2021, "Swin Transformer: Hierarchical Vision

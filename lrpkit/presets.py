@@ -10,10 +10,13 @@ from __future__ import annotations
 from torch import nn
 
 from .composites import Composite, FirstLayerMap, GlobalTypeMap, LastLayerMap
-from .layers import LayerNormalize, PositionalEmbedding, Scale, SelfAttention, SkipConnection, Sum, TokenMean
+from .layers import (LayerNormalize, Multiply, PositionalEmbedding, Scale, SelfAttention, SkipConnection, Sum,
+                     TokenMean)
 from .rules import (MAXPOOL_TYPES, AlphaBetaRule, EpsilonRule, FlatRule, GammaRule, GeneralizedGammaRule,
-                    LayerNormRule, MaxPoolRule, PositionalEmbeddingRule, SelfAttentionRule, SkipConnectionRule, SumRule,
-                    TokenMeanRule, ZBoxRule, ZPlusRule)
+                    LayerNormRule, MaxPoolRule, PositionalEmbeddingRule, ProductRule, SelfAttentionRule,
+                    SkipConnectionRule, SumRule, TokenMeanRule, ZBoxRule, ZPlusRule)
+from .layers import AttentionPool
+from .rules import AttentionPoolRule
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 AVGPOOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
@@ -24,12 +27,18 @@ MAXPOOL = MAXPOOL_TYPES
 def _base(conv_rule, linear_rule, epsilon: float, attention_mode: str = "cp") -> dict:
     """The type map shared by all presets. Every stabiliser it assigns is the preset's ``epsilon`` (average,
     adaptive and global pools, token means, LayerNorm, residual splits); max pooling passes the relevance to its
-    argmax unchanged (:class:`~lrpkit.rules.MaxPoolRule`, no stabiliser), as zennit does."""
+    argmax unchanged (:class:`~lrpkit.rules.MaxPoolRule`, no stabiliser), as zennit does. A product of two
+    branches (:class:`~lrpkit.layers.Multiply`: a gated linear unit, a squeeze-excitation gate) holds its gate
+    constant (``ProductRule('gate')``), except in AttnLRP, which splits it uniformly (``ProductRule('uniform')``,
+    Achtibat et al. 2024)."""
     mapping = {AVGPOOL: EpsilonRule(epsilon), MAXPOOL: MaxPoolRule(), nn.Linear: linear_rule, CONV: conv_rule,
                SelfAttention: SelfAttentionRule(linear_rule, linear_rule, mode=attention_mode, epsilon=epsilon),
                LayerNormalize: LayerNormRule(epsilon), Scale: EpsilonRule(epsilon),
                PositionalEmbedding: PositionalEmbeddingRule(epsilon), TokenMean: TokenMeanRule(epsilon),
-               SkipConnection: SkipConnectionRule(epsilon), Sum: SumRule(epsilon)}
+               SkipConnection: SkipConnectionRule(epsilon), Sum: SumRule(epsilon),
+               Multiply: ProductRule("uniform" if attention_mode == "attnlrp" else "gate")}
+    # attention pooling (SigLIP's 'map' head): the attention's mode, its value projection the Linear layers' rule
+    mapping[AttentionPool] = AttentionPoolRule(linear_rule, mode=attention_mode, epsilon=epsilon)
     return mapping
 
 
@@ -72,10 +81,11 @@ def _transformer(mode: str, epsilon: float, gamma: float | None, first_layer) ->
 
 def CPLRP(epsilon: float = 1e-6, gamma: float | None = None, first_layer=None) -> Composite:
     """Conservative propagation for transformers (Ali et al. 2022): attention probabilities and LayerNorm σ held
-    constant, skip connections split proportionally, LRP-ε on Linear/Conv layers. ``gamma``: LRP-γ (GammaRule) on
+    constant, skip connections split proportionally, the gate of an element-wise product (a gated linear unit's
+    ``act(x W_g)``) held constant, LRP-ε on Linear/Conv layers. ``gamma``: LRP-γ (GammaRule) on
     the Linear layers of the blocks (MLP, attention value and output projections); the head keeps LRP-ε.
     ``first_layer``: the rule for the patch projection (default LRP-ε). With ε → 0 and no γ this equals
-    gradient × input of the model with A and σ detached and activations passing relevance unchanged; on a CNN
+    gradient × input of the model with A, σ and gates detached and activations passing relevance unchanged; on a CNN
     (every stabiliser is ``epsilon``, max pooling passes its relevance to the argmax) gradient × input of the model
     with its activations passing relevance unchanged (tests/test_reference_cnn.py)."""
     return _transformer("cp", epsilon, gamma, first_layer)
@@ -83,7 +93,9 @@ def CPLRP(epsilon: float = 1e-6, gamma: float | None = None, first_layer=None) -
 
 def AttnLRP(epsilon: float = 1e-6, gamma: float | None = None, first_layer=None) -> Composite:
     """AttnLRP (Achtibat et al. 2024): as :func:`CPLRP`, but relevance also flows through the attention scores:
-    uniform split of both matrix products, the softmax's Taylor rule, LayerNorm qk-norms."""
+    uniform split of both matrix products, the softmax's Taylor rule, LayerNorm qk-norms, a rotary embedding
+    (LRP-ε on the rotation); and every element-wise product of two branches (a gated linear unit's
+    ``act(x W_g) ⊙ x W_u``) splits its relevance half to each factor (``ProductRule('uniform')``)."""
     return _transformer("attnlrp", epsilon, gamma, first_layer)
 
 

@@ -580,10 +580,13 @@ def test_errors_and_model_untouched():
     model.eval()
     with pytest.raises(ValueError, match="start_layer"):
         TransformerAttribution(model, start_layer=4)
-    with pytest.raises(TypeError, match="no class token"):
-        TransformerAttribution(tiny_vit(class_token=False, global_pool="avg"))
-    with pytest.raises(TypeError, match="global_pool='token'"):
-        PartialLRP(tiny_vit(global_pool="avg"))
+    # a chain whose head reads token 0 but has no class token (token 0 is a patch): nothing to read out
+    torch.manual_seed(0)
+    no_token = Chain([nn.Conv2d(3, 4, 8, 8), lrpkit.layers.PatchFlatten(),
+                      SkipConnection(Chain([SelfAttention(nn.Linear(4, 12), nn.Linear(4, 4), 2, 0.5)])),
+                      lrpkit.layers.SelectClassToken(0), nn.Linear(4, 3)]).eval().double()
+    with pytest.raises(TypeError, match="neither a class token nor a mean"):
+        PartialLRP(no_token)
     with pytest.raises(TypeError, match="vision transformer"):
         TransformerAttribution(nn.Sequential(nn.Linear(3, 2)).eval())
     with pytest.raises(TypeError, match="CheferAttentionRule on every SelfAttention"):
@@ -593,3 +596,187 @@ def test_errors_and_model_untouched():
     with pytest.raises(TypeError, match="does not keep that graph"):
         TransformerAttribution(model, composite=broken)(torch.randn(1, 3, 32, 32, dtype=torch.float64))
     # inside torch.inference_mode() it works (tests/test_inference_mode.py)
+
+
+@pytest.mark.parametrize("kw", [dict(global_pool="avg"), dict(global_pool="avg", class_token=False)],
+                         ids=["avg+cls", "avg-no-cls"])
+def test_mean_pooled_models_read_the_mean_of_the_patch_rows(kw):
+    # the head reads (1/M) Σ of the M patch tokens: the map is the read-out row w · C, w = 1/M on every patch
+    model = tiny_vit(seed=4, **kw)
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    P = 1 if kw.get("class_token", True) else 0
+    w = torch.zeros(16 + P, dtype=torch.float64)
+    w[P:] = 1 / 16
+    _, _, _, grads = attention_and_gradients(lrpkit.canonize(model), x.clone().requires_grad_())
+    rel = dict(lrpkit.LRP(model, chefer_composite())(x).extras[ATTENTION_RELEVANCE])
+    last = max(rel)
+    # start_layer = depth - 1: C = I + Ā_L, read-out row w + w Ā_L
+    a_bar = (grads[2] * rel[last]).clamp(min=0).mean(1)
+    expl = TransformerAttribution(model, start_layer=2)(x)
+    assert torch.allclose(expl.token_relevance.flatten(1), (w + w @ a_bar)[:, P:], rtol=1e-8)
+    # start_layer = depth: C = I, the constant w over the patches (not zero, unlike the class token's row)
+    assert torch.allclose(TransformerAttribution(model, start_layer=3)(x).token_relevance,
+                          torch.full((2, 4, 4), 1 / 16, dtype=torch.float64))
+    # PartialLRP: Σ_i w_i mean_h R_L⁺[i, patches]
+    partial = PartialLRP(model)(x)
+    expected = torch.einsum("n,bhnm->bm", w, rel[last].clamp(min=0)) / 2
+    assert torch.allclose(partial.token_relevance.flatten(1), expected[:, P:], rtol=1e-8)
+    assert partial.token_relevance.abs().max() > 0
+    # per sample as alone
+    full = TransformerAttribution(model)
+    assert torch.allclose(full(x).token_relevance[1], full(x[1:]).token_relevance[0], rtol=1e-8)
+
+
+# -- a score bias and a rotary embedding (BEiT, EVA-02) ----------------------------------------------------------
+def test_attention_rule_with_a_score_bias_hand_case():
+    # tiny_attention's q = (1, 2), k = (1, 1), v = (3, 1), q kᵀ = [[1, 1], [2, 2]], plus B = [[-2, -2], [0, 0]]:
+    # S = [[-1, -1], [2, 2]], each row constant -> A = 0.5 everywhere, y = (2, 2), R_A = [[1.5, .5], [.75, .25]] and
+    # R_v = (2.25, 0.75) as without the bias (test_attention_rule_hand_case).
+    # Sum rule on S = P + B: t = R_A / S = [[-1.5, -.5], [.375, .125]]; P ⊙ t = [[-1.5, -.5], [.75, .25]] (Σ -1),
+    # B ⊙ t = [[3, 1], [0, 0]] (Σ 4); rescaled to |−1| / 5 · 3 = 0.6 and 4 / 5 · 3 = 2.4 (factor ΣR_A / 5 = 0.6):
+    # R_P = −0.6 · P ⊙ t = [[.9, .3], [−.45, −.15]], R_B = 0.6 · B ⊙ t (Σ 2.4, the accounting's attention_bias)
+    # s' = R_P / (q kᵀ) = [[.9, .3], [−.225, −.075]]; R_q = q ⊙ (s' k) / 2 = (1·1.2/2, 2·(−.3)/2) = (.6, −.3);
+    # R_k = k ⊙ (s'ᵀ q) / 2 = ((.9 − .45)/2, (.3 − .15)/2) = (.225, .075)   (Σ R_q + Σ R_k = 0.6 = Σ R_P)
+    # qkv α1β0: token 0: .6 + .225 + 2.25 = 3.075; token 1: −.3 + .075 + .75 = .525   (Σ 3.6 = 6 − 2.4)
+    qkv, proj = tiny_attention().qkv, tiny_attention().proj
+    layer = SelfAttention(qkv, proj, num_heads=1, scale=1.0,
+                          bias=torch.tensor([[[[-2.0, -2.0], [0.0, 0.0]]]], dtype=torch.float64))
+    x = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]], dtype=torch.float64)
+    R = torch.tensor([[[4.0], [2.0]]], dtype=torch.float64)
+    R_in, tape, rec = run_rule(CheferAttentionRule(), layer, x, R)
+    assert torch.allclose(rec.output, layer(x))
+    ((_, R_A),) = tape.handed[ATTENTION_RELEVANCE]
+    assert torch.allclose(R_A, torch.tensor([[[[1.5, 0.5], [0.75, 0.25]]]], dtype=torch.float64), atol=1e-8)
+    assert torch.allclose(R_in, torch.tensor([[[3.075, 0.0], [0.0, 0.525]]], dtype=torch.float64), atol=1e-8)
+    assert torch.allclose(rec.absorbed["attention_bias"], torch.tensor([2.4], dtype=torch.float64), atol=1e-8)
+    # a zero bias is no bias
+    zero = SelfAttention(qkv, proj, num_heads=1, scale=1.0, bias=torch.zeros(1, 1, 2, 2, dtype=torch.float64))
+    R_zero, _, rec_zero = run_rule(CheferAttentionRule(), zero, x, R)
+    assert torch.allclose(R_zero, torch.tensor([[[4.375, 0.0], [0.0, 1.625]]], dtype=torch.float64), atol=1e-8)
+    assert rec_zero.absorbed["attention_bias"].abs().max() < 1e-12
+
+
+def rotary_90(tokens=2, dim=2, num_prefix=0):
+    """A Rotary that leaves token 0 alone (cos 1, sin 0) and turns every channel pair of the others by 90°
+    (cos 0, sin 1: ``(a, b) -> (−b, a)``)."""
+    from lrpkit.layers import Rotary
+
+    cos = torch.zeros(tokens - num_prefix, dim, dtype=torch.float64)
+    sin = torch.ones(tokens - num_prefix, dim, dtype=torch.float64)
+    cos[0], sin[0] = 1.0, 0.0
+    return Rotary(sin, cos, num_prefix=num_prefix)
+
+
+def test_attention_rule_with_a_rotary_embedding_hand_case():
+    # one head of width 2; x0 = (1, 0), x1 = (0, 1), so each token's q, k, v are the weights' columns:
+    # q0 = (0, 1), q1 = (2, 0); k0 = (0, 1), k1 = (1, 0); v0 = (3, 0), v1 = (0, 1). The rotation leaves token 0 and
+    # turns token 1: q'1 = (0, 2), k'1 = (0, 1); q' k'ᵀ = [[1, 1], [2, 2]] -> A = 0.5, y = (1.5, 0.5) for both.
+    # proj = I (bias 5, ignored): R_y = R = ((3, 1), (1.5, .5)); s = R_y / y / 2 = ((1, 1), (.5, .5))
+    # R_A = A ⊙ (s vᵀ) = [[1.5, .5], [.75, .25]]; R_v = v ⊙ (Aᵀ s) = ((2.25, 0), (0, .75))
+    # s' = R_A / (q' k'ᵀ) = [[1.5, .5], [.375, .125]]
+    # s' k' = ((0, 2), (0, .5)); Jᵀ leaves token 0 and turns token 1 back, (a, b) -> (b, −a): ((0, 2), (.5, 0))
+    # R_q = q ⊙ Jᵀ(s' k') / 2 = ((0, 1), (.5, 0))                                     (Σ 1.5 = Σ R_A / 2)
+    # s'ᵀ q' = ((0, 2.25), (0, .75)); Jᵀ: ((0, 2.25), (.75, 0)); R_k = k ⊙ … / 2 = ((0, 1.125), (.375, 0))  (Σ 1.5)
+    # qkv α1β0: token 0: 1 + 1.125 + 2.25 = 4.375; token 1: .5 + .375 + .75 = 1.625   (Σ 6: conserves)
+    qkv = linear([[0, 2], [1, 0], [0, 1], [1, 0], [3, 0], [0, 1]], bias=[0.0] * 6)
+    proj = linear([[1.0, 0.0], [0.0, 1.0]], bias=[5.0, 5.0])
+    layer = SelfAttention(qkv, proj, num_heads=1, scale=1.0, rope=rotary_90())
+    x = torch.tensor([[[1.0, 0.0], [0.0, 1.0]]], dtype=torch.float64)
+    q, k = layer.positions(*(layer.split_heads(t) for t in qkv(x).chunk(3, -1)[:2]))
+    assert torch.equal(q[0, 0], torch.tensor([[0.0, 1.0], [0.0, 2.0]], dtype=torch.float64))  # q' as above
+    R = torch.tensor([[[3.0, 1.0], [1.5, 0.5]]], dtype=torch.float64)
+    R_in, tape, rec = run_rule(CheferAttentionRule(), layer, x, R)
+    assert torch.allclose(rec.output, layer(x))
+    ((_, R_A),) = tape.handed[ATTENTION_RELEVANCE]
+    assert torch.allclose(R_A, torch.tensor([[[[1.5, 0.5], [0.75, 0.25]]]], dtype=torch.float64), atol=1e-8)
+    assert torch.allclose(R_in, torch.tensor([[[4.375, 0.0], [0.0, 1.625]]], dtype=torch.float64), atol=1e-8)
+
+
+def test_attention_rule_with_bias_rope_and_qk_norm_matches_generic_splits():
+    """Random weights, two heads of width 4, a class token left unrotated, qk LayerNorms and a score bias: the rule
+    equals the steps done with the generic (autograd) product rule, Chefer's sum rule and the term-based α1β0."""
+    from lrpkit.layers import Rotary
+
+    torch.manual_seed(11)
+    n, d = 5, 4
+    rope = Rotary(torch.randn(n - 1, d, dtype=torch.float64), torch.randn(n - 1, d, dtype=torch.float64),
+                  num_prefix=1)
+    norms = [nn.LayerNorm(d).double().requires_grad_(False) for _ in range(2)]
+    for norm in norms:
+        norm.weight.data.add_(0.3 * torch.randn(d, dtype=torch.float64))
+    layer = SelfAttention(linear(torch.randn(24, 8)), linear(torch.randn(8, 8)), num_heads=2, scale=0.5,
+                          q_norm=norms[0], k_norm=norms[1], bias=torch.randn(1, 2, n, n, dtype=torch.float64),
+                          rope=rope)
+    x = torch.randn(2, n, 8, dtype=torch.float64)
+    R = torch.randn(2, n, 8, dtype=torch.float64)
+    R_in, tape, rec = run_rule(CheferAttentionRule(), layer, x, R)
+    assert torch.allclose(rec.output, layer(x), atol=1e-12)
+    lin = CheferZPlusRule()
+    e = CheferAttentionRule.values(layer, rec)
+    R_y, _, _ = run_rule(lin, layer.proj, layer.merge_heads(e["y"]), R)
+    R_A, R_v = product_split(e["attn"], e["v"], layer.split_heads(R_y), e["y"], torch.matmul)
+    t = safe_divide(R_A, e["scores"])
+    R_P, R_B = rescaled_split([e["dots"] * layer.scale * t, e["bias"] * t], R_A)
+    R_q, R_k = product_split(e["qn"], e["kn"], R_P, e["dots"], lambda q, k: rope(q) @ rope(k).transpose(-2, -1))
+    R_t = torch.cat([layer.merge_heads(r) for r in (R_q, R_k, R_v)], -1)
+    expected, _, _ = run_rule(lin, layer.qkv, x, R_t)
+    assert torch.allclose(tape.handed[ATTENTION_RELEVANCE][0][1], R_A, atol=1e-10)
+    assert torch.allclose(R_in, expected, atol=1e-9)
+    assert torch.allclose(rec.absorbed["attention_bias"], R_B.sum((1, 2, 3)), atol=1e-10)
+    # conservation: the rotary embedding is part of a bilinear product, Σ R_q = Σ R_k = Σ R_P / 2; the bias keeps
+    # the rest of Σ R_A
+    assert torch.allclose(R_q.sum((1, 2, 3)), R_P.sum((1, 2, 3)) / 2, atol=1e-9)
+    assert torch.allclose(R_k.sum((1, 2, 3)), R_P.sum((1, 2, 3)) / 2, atol=1e-9)
+    assert torch.allclose(R_P.sum((1, 2, 3)) + R_B.sum((1, 2, 3)), R_A.sum((1, 2, 3)), atol=1e-9)
+    assert (R_B.sum((1, 2, 3)).abs() > 1e-3).all()  # a real share
+
+
+def rope_transformer(seed=0):
+    """A canonized-style chain with a class token, two blocks of attention with a rotary embedding (the patch tokens
+    rotated, the class token not) and a score bias, an MLP, the final norm and a class-token head (float64)."""
+    from lrpkit.layers import ClassToken, PatchFlatten, Rotary, SelectClassToken
+
+    torch.manual_seed(seed)
+    C, heads, n = 16, 2, 17
+    layers = [nn.Conv2d(3, C, 8, 8), PatchFlatten(), ClassToken(torch.randn(1, 1, C), ["class"])]
+    for _ in range(2):
+        rope = Rotary(torch.randn(n - 1, C // heads), torch.randn(n - 1, C // heads), num_prefix=1, half=True)
+        attn = SelfAttention(nn.Linear(C, 3 * C), nn.Linear(C, C), heads, (C // heads) ** -0.5,
+                             bias=torch.randn(1, heads, n, n), rope=rope)
+        layers += [SkipConnection(Chain([LayerNormalize(), attn])),
+                   SkipConnection(Chain([LayerNormalize(), nn.Linear(C, 32), nn.GELU(), nn.Linear(32, C)]))]
+    layers += [LayerNormalize(), Scale(1 + 0.1 * torch.randn(C)), SelectClassToken(0), nn.Linear(C, 5)]
+    return Chain(layers).eval().double()
+
+
+def test_transformer_attribution_on_rotary_attention_with_a_bias():
+    model = rope_transformer()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    # C = I + Ā_L (start_layer = 1): the attention gradient from the recording pass, R_L from plain LRP
+    expl = TransformerAttribution(model, start_layer=1)(x)
+    _, _, attns, grads = attention_and_gradients(lrpkit.canonize(model), x.clone().requires_grad_())
+    lrp = lrpkit.LRP(model, chefer_composite())(x)
+    rel = dict(lrp.extras[ATTENTION_RELEVANCE])
+    a_bar = (grads[1] * rel[max(rel)]).clamp(min=0).mean(1)
+    assert torch.allclose(expl.token_relevance.flatten(1), a_bar[:, 0, 1:], rtol=1e-8)
+    assert expl.token_relevance.abs().max() > 0
+    # the books close: what the biases of the scores kept is in the accounting
+    acc = lrp.accounting
+    assert (acc.parts["attention_bias"].abs() > 1e-6).all()
+    assert torch.allclose(acc.total(), acc.output)
+    full = TransformerAttribution(model)
+    assert torch.allclose(full(x).token_relevance[1], full(x[1:]).token_relevance[0], rtol=1e-8)
+    partial = PartialLRP(model)(x)
+    assert torch.allclose(partial.token_relevance.flatten(1), rel[max(rel)].clamp(min=0).mean(1)[:, 0, 1:])
+
+
+def test_attention_rule_refuses_windows_and_other_position_maps():
+    class Windowed(SelfAttention):
+        def group(self, x):
+            return x
+
+    layer = tiny_attention()
+    with pytest.raises(lrpkit.rules.IncompatibleRuleError, match="within groups"):
+        CheferAttentionRule().check(Windowed(layer.qkv, layer.proj, 1, 1.0))
+    with pytest.raises(lrpkit.rules.IncompatibleRuleError, match="Rotary"):
+        CheferAttentionRule().check(SelfAttention(layer.qkv, layer.proj, 1, 1.0, rope=nn.Tanh()))

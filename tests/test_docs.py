@@ -244,7 +244,7 @@ MACROS = set("""
 alpha beta gamma epsilon varepsilon mu sigma rho varphi nabla partial
 sum int frac tfrac sqrt operatorname text mathtt mathcal mathbb
 odot cdot cdots dots times pm approx sim le ge in ni cap to uparrow leftarrow top
-qquad quad big Big lvert rvert max min arg hat bar tilde
+qquad quad big Big lvert rvert max min arg hat bar tilde sin cos mapsto ldots
 """.split()) | {",", "!", "{", "}", "_", "|"}
 
 

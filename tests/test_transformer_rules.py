@@ -350,3 +350,46 @@ def test_self_attention_rule_refuses_what_it_cannot_handle():
         Composite(GlobalTypeMap({SelfAttention: SelfAttentionRule(mode="attnlrp")})).assign(Chain([layer]))
     with pytest.raises(ValueError, match="mode"):
         SelfAttentionRule(mode="rollout")
+
+
+def _biased_attention():
+    """The hand case's layer with the constant score bias B = [[0, 0], [ln3, 0]] (a relative position bias)."""
+    layer = _attention(WQ, WK, WV)
+    return SelfAttention(layer.qkv, layer.proj, num_heads=1, scale=1.0, bias=t([[[[0.0, 0.0], [LN3, 0.0]]]]))
+
+
+def test_self_attention_rule_attnlrp_with_a_score_bias_by_hand():
+    # q kᵀ = [[ln3, 0], [0, 0]] as above, plus B: S = [[ln3, 0], [ln3, 0]], A = [[3/4, 1/4], [3/4, 1/4]]
+    # y1 = y2 = 3/4·[3, 3] + 1/4·[1, -1] = [5/2, 2]; R_y = R = [[1, 2], [3, -1]] (ΣR = 5)
+    # A·v, uniform split: s = R_y / (2y): s1 = [1/5, 1/2], s2 = [3/5, -1/4]
+    #   s1·v1 = 21/10, s1·v2 = -3/10, s2·v1 = 9/5 - 3/4 = 21/20, s2·v2 = 3/5 + 1/4 = 17/20
+    #   R_A = [[3/4·21/10, 1/4·(-3/10)], [3/4·21/20, 1/4·17/20]] = [[63/40, -3/40], [63/80, 17/80]]    (Σ 5/2)
+    #   Aᵀ s: j=1: 3/4·(s1 + s2) = [3/5, 3/16]; j=2: 1/4·(s1 + s2) = [1/5, 1/16]
+    #   R_v = v ⊙ Aᵀ s: R_v1 = [9/5, 9/16], R_v2 = [1/5, -1/16]                                       (Σ 5/2)
+    # softmax: row sums of R_A: 3/2 and 1; R_A − A ⊙ rowsum = [[9/20, -9/20], [3/80, -3/80]]
+    #   R_S = S ⊙ that = [[9ln3/20, 0], [3ln3/80, 0]]
+    # S = q kᵀ + B, LRP-ε on the sum: the bias's share B ⊙ R_S / S is 3ln3/80 (at (2, 1), where B = S);
+    #   the product's share is 9ln3/20 at (1, 1) and 0 at (2, 1) (q2 = 0): R_q1 = R_k1 = 9ln3/80·[1, 1] as above
+    # qkv (ε): q and k: 9ln3/40·[1, 1] for token 1, 0 for token 2;
+    #   v: R_v/v = [3/5, 3/16] and [1/5, 1/16] through W_vᵀ = [[2, 1], [1, 2]]: token 1 [111/80, 78/80] ⊙ x1,
+    #   token 2 [37/80, 26/80] ⊙ x2 = [37/80, -26/80]
+    # accounting: input 5/2 + 9ln3/20, attention_bias 3ln3/80, attention (the softmax) 5/2 − 39ln3/80: Σ = 5
+    e = run(_biased_attention(), _attn_rule("attnlrp"), t(X), t(R_OUT))
+    expected = t([[[111 / 80 + 9 * LN3 / 40, 78 / 80 + 9 * LN3 / 40], [37 / 80, -26 / 80]]])
+    assert torch.allclose(e.relevance, expected, atol=1e-9)
+    acc = e.accounting
+    assert acc.input.item() == pytest.approx(5 / 2 + 9 * LN3 / 20)
+    assert acc.parts["attention_bias"].item() == pytest.approx(3 * LN3 / 80)
+    assert acc.parts["attention"].item() == pytest.approx(5 / 2 - 39 * LN3 / 80)
+    assert acc.total().item() == pytest.approx(5)
+
+
+def test_self_attention_rule_cp_with_a_score_bias_by_hand():
+    # CP holds A = [[3/4, 1/4], [3/4, 1/4]] constant: the bias gets nothing, everything goes through v.
+    # s = R_y / y: s1 = [2/5, 1], s2 = [6/5, -1/2]; Aᵀ s = 3/4·[8/5, 1/2] = [6/5, 3/8] (j=1), [2/5, 1/8] (j=2)
+    # value rule: token 1 [2·6/5 + 3/8, 6/5 + 2·3/8] = [111/40, 78/40]; token 2 [37/40, 26/40] ⊙ [1, -1]
+    # Σ = (111 + 78 + 37 − 26)/40 = 5 = ΣR
+    e = run(_biased_attention(), _attn_rule("cp"), t(X), t(R_OUT))
+    assert torch.allclose(e.relevance, t([[[111 / 40, 78 / 40], [37 / 40, -26 / 40]]]), atol=1e-9)
+    assert "attention_bias" not in e.accounting.parts
+    assert e.accounting.input.item() == pytest.approx(5)

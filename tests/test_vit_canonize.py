@@ -204,7 +204,7 @@ class _OnlyAMethod(VisionTransformer):
 
 
 UNSUPPORTED = {
-    "map": (dict(global_pool="map"), "global_pool='map'"),
+    "prr": (dict(global_pool="prr"), "global_pool='prr'"),
     "max": (dict(global_pool="max"), "global_pool='max'"),
     "avgmax": (dict(global_pool="avgmax"), "global_pool='avgmax'"),
     "no-pool": (dict(global_pool=""), "global_pool=''"),

@@ -40,7 +40,9 @@ def model_names_like(name: str, n: int = 5) -> list[str]:
 
 def _classifier_key(model: nn.Module) -> str | None:
     """The state-dict key of the classifier's weight: timm's ``get_classifier()`` (the first head of a distilled
-    model), else the last ``nn.Linear`` in module order (torchvision: ``fc``, ``classifier.6``)."""
+    model); for a headless timm model (``num_classes=0``: the head is an Identity, as in the SigLIP image towers)
+    the key its pretrained config names, where a weight file with a head has it (``head.weight``); else the last
+    ``nn.Linear`` in module order (torchvision: ``fc``, ``classifier.6``)."""
     head = None
     if callable(getattr(model, "get_classifier", None)):
         try:
@@ -49,6 +51,9 @@ def _classifier_key(model: nn.Module) -> str | None:
             head = None
         if isinstance(head, (tuple, list)):
             head = head[0] if head else None
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier")
+    if isinstance(head, nn.Identity) and isinstance(classifier, str):
+        return f"{classifier}.weight"
     last = None
     for name, module in model.named_modules():
         if head is not None and module is head and isinstance(getattr(module, "weight", None), torch.Tensor):
@@ -129,8 +134,8 @@ def load_model(name: str, weights: str | Path | None = None, num_classes: int | 
         model = build() if num_classes is None else build(num_classes=num_classes)
         if num_classes is None and weights is not None:
             found = _num_classes_in(weights, model)
-            key = _classifier_key(model)
-            if found is not None and found != model.state_dict()[key].shape[0]:
+            own = model.state_dict().get(_classifier_key(model))  # None for a headless model
+            if found is not None and (own is None or found != own.shape[0]):
                 model = build(num_classes=found)
         if prep is None:
             prep = Preprocess.from_timm(model)
@@ -148,9 +153,10 @@ def class_names(name: str, model: nn.Module) -> list[str] | None:
     if name in DEMO_MODELS:
         return list(data.CLASS_NAMES)
     key = _classifier_key(model)
-    if key is None:
+    state = model.state_dict()
+    if key is None or key not in state:  # no classifier (a headless model: its output is an embedding)
         return None
-    n = int(model.state_dict()[key].shape[0])
+    n = int(state[key].shape[0])
     try:
         from timm.data import ImageNetInfo, infer_imagenet_subset
 

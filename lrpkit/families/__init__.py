@@ -120,6 +120,8 @@ from . import torchvision_cnn, timm_vit  # noqa: E402,F401  (the built-in famili
 from . import timm_efficientnet  # noqa: E402,F401
 from . import timm_convnext  # noqa: E402,F401
 from . import timm_resnet  # noqa: E402,F401
+from . import timm_beit  # noqa: E402,F401
+from . import timm_eva  # noqa: E402,F401
 from . import timm_swin  # noqa: E402,F401
 
 __all__ = ["Family", "Geometry", "GENERIC", "family_of", "register_family"]

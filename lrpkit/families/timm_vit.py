@@ -11,7 +11,12 @@ The chain (one entry per line)::
     SkipConnection(Chain(LayerNormalize, Scale, SelfAttention [, Scale]))              per block: attention
     SkipConnection(Chain(LayerNormalize, Scale, Linear, act, Linear [, Scale]))        per block: MLP
     LayerNormalize, Scale         final norm (if any)
-    SelectClassToken | TokenMean  timm's global_pool 'token' | 'avg'
+    SelectClassToken | TokenMean  timm's global_pool 'token' | 'avg', or for 'map' (attention pooling):
+        AttentionPool             latent queries attend to the tokens (prefix tokens left out unless
+                                  pool_include_prefix)
+        Linear                    the pool's output projection
+        SkipConnection(Chain(LayerNormalize, Scale, Linear, act, Linear))    the pool's residual MLP
+        SelectClassToken | TokenMean                                       the pool's pool_type 'token' | 'avg'
     LayerNormalize, Scale         fc_norm (if any)
     Linear                        head
 
@@ -27,10 +32,12 @@ heads); the canonized model computes the eval-mode output even if the user set `
 
 Supported exactly: timm's ``PatchEmbed`` (Conv2d projection, no norm, no dynamic padding), ``Block`` with
 ``Attention`` (qk-norm allowed, no ``scale_attn_norm``, no gate) and ``Mlp`` (``scale_mlp_norm`` allowed), LayerNorm
-norms, ``LayerScale``, ``global_pool`` 'token' / 'avg'. Anything else (attention pooling 'map' / 'prr', 'max' /
-'avgmax' / '' pooling, other block, attention, MLP, norm or embedding types, a patch-embedding norm, dynamic
-padding, a subclass that overrides the forward methods, ...) is a :class:`~lrpkit.canonize.CanonizationError`,
-never a silently different model.
+norms, ``LayerScale``, ``global_pool`` 'token' / 'avg' / 'map'. For 'map' (SigLIP): timm's ``AttentionPoolLatent``
+with any ``latent_len``, ``q_proj`` on or off, LayerNorm qk-norms or none, its MLP and norm (or none, for
+``out_features=0``), ``pool_type`` 'token' or 'avg', fused attention or not. Anything else (attention pooling 'prr',
+a positional embedding inside the pool, a pool without pool_type, 'max' / 'avgmax' / '' pooling, other block,
+attention, MLP, norm or embedding types, a patch-embedding norm, dynamic padding, a subclass that overrides the
+forward methods, ...) is a :class:`~lrpkit.canonize.CanonizationError`, never a silently different model.
 """
 
 from __future__ import annotations
@@ -38,7 +45,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers import (Chain, ClassToken, LayerNormalize, PatchFlatten, PositionalEmbedding, Scale,
+from ..layers import (AttentionPool, Chain, ClassToken, LayerNormalize, PatchFlatten, PositionalEmbedding, Scale,
                       SelectClassToken, SelfAttention, SkipConnection, Sum, TokenMean)
 from ..canonize.core import CanonizationError, copy_layer, flatten, join, make_chain
 from . import Family, Geometry, register_family
@@ -50,19 +57,21 @@ _FORWARD_METHODS = ("forward", "forward_features", "forward_head", "_pos_embed",
 
 def _unsupported(model, what: str):
     return CanonizationError(f"lrpkit cannot canonize this {type(model).__name__}: {what} is not supported. "
-                             f"Supported: timm Block/Attention/Mlp, global_pool 'token' or 'avg', LayerNorm norms.")
+                             f"Supported: timm Block/Attention/Mlp, global_pool 'token', 'avg' or 'map' "
+                             f"(AttentionPoolLatent), LayerNorm norms.")
 
 
 def _is_identity(m) -> bool:
     return m is None or isinstance(m, (nn.Identity, nn.Dropout))
 
 
-def _norm(norm: nn.Module, path: str, model) -> list:
-    """LayerNorm -> LayerNormalize + Scale (affine part); Identity -> nothing."""
+def _norm(norm: nn.Module, path: str, model, unsupported=_unsupported) -> list:
+    """LayerNorm -> LayerNormalize + Scale (affine part); Identity -> nothing. ``unsupported(model, what)``: the
+    error for anything else (another family passes its own)."""
     if _is_identity(norm):
         return []
     if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:
-        raise _unsupported(model, f"the norm layer {path} ({type(norm).__name__})")
+        raise unsupported(model, f"the norm layer {path} ({type(norm).__name__})")
     entries = [(path, LayerNormalize(norm.eps))]
     if norm.weight is not None or norm.bias is not None:
         weight = norm.weight if norm.weight is not None else torch.ones(norm.normalized_shape)
@@ -149,17 +158,20 @@ def _prefix_tokens(model) -> tuple[list[torch.Tensor], list[str]]:
     return tokens, kinds
 
 
-def _embedding(model, path: str) -> list:
+def _embedding(model, path: str, unsupported=_unsupported) -> list:
+    """Patch projection, positional embedding, flatten and prefix tokens of a model with timm's ``patch_embed``,
+    ``cls_token`` / ``reg_token``, ``pos_embed``, ``no_embed_class`` and ``dynamic_img_size`` (ViT, and EVA,
+    whose family passes its own error ``unsupported(model, what)``)."""
     from timm.layers import PatchEmbed
 
     pe = model.patch_embed
     if type(pe) is not PatchEmbed or not isinstance(getattr(pe, "proj", None), nn.Conv2d):
-        raise _unsupported(model, f"the patch embedding {type(pe).__name__} (only timm's PatchEmbed with a Conv2d "
-                                  f"projection)")
+        raise unsupported(model, f"the patch embedding {type(pe).__name__} (only timm's PatchEmbed with a Conv2d "
+                                 f"projection)")
     if not _is_identity(getattr(pe, "norm", None)):
-        raise _unsupported(model, "a norm inside the patch embedding (embed norm)")
+        raise unsupported(model, "a norm inside the patch embedding (embed norm)")
     if getattr(pe, "dynamic_img_pad", False):
-        raise _unsupported(model, "dynamic_img_pad")
+        raise unsupported(model, "dynamic_img_pad")
     entries = [(join(path, "patch_embed.proj"), copy_layer(pe.proj))]
     tokens, kinds = _prefix_tokens(model)
     n_prefix = len(kinds)
@@ -167,12 +179,13 @@ def _embedding(model, path: str) -> list:
     if pos is not None:
         pos = pos.detach()
         grid = tuple(pe.grid_size)
-        n_pos_prefix = 0 if model.no_embed_class else n_prefix
+        n_pos_prefix = 0 if getattr(model, "no_embed_class", False) else n_prefix
         if pos.shape[1] != n_pos_prefix + grid[0] * grid[1]:
-            raise _unsupported(model, f"a pos_embed of {pos.shape[1]} entries for {n_pos_prefix} prefix tokens and a "
-                                      f"{grid[0]}x{grid[1]} patch grid")
+            raise unsupported(model, f"a pos_embed of {pos.shape[1]} entries for {n_pos_prefix} prefix tokens and a "
+                                     f"{grid[0]}x{grid[1]} patch grid")
         patch_pos = pos[:, n_pos_prefix:].reshape(1, grid[0], grid[1], -1).permute(0, 3, 1, 2)
-        entries.append((join(path, "pos_embed"), PositionalEmbedding(patch_pos, dynamic=model.dynamic_img_size)))
+        dynamic = getattr(model, "dynamic_img_size", False)  # (BEiT, which shares this embedding, has neither)
+        entries.append((join(path, "pos_embed"), PositionalEmbedding(patch_pos, dynamic=dynamic)))
         if n_pos_prefix:
             tokens = [torch.cat(tokens, dim=1) + pos[:, :n_pos_prefix]]
     entries.append((join(path, "patch_embed"), PatchFlatten()))
@@ -201,16 +214,63 @@ def _head(model, path: str) -> list:
             head = _half(getattr(model, name), name, model)
             branches.append(Chain([SelectClassToken(index), head], [join(path, "pool"), join(path, name)]))
         return [(join(path, "head"), Sum(*branches))]
-    if getattr(model, "attn_pool", None) is not None or model.global_pool not in ("token", "avg"):
+    if model.global_pool == "map" and getattr(model, "attn_pool", None) is not None:
+        entries = _attention_pool(model, join(path, "attn_pool"))
+    elif getattr(model, "attn_pool", None) is not None or model.global_pool not in ("token", "avg"):
         raise _unsupported(model, f"global_pool={model.global_pool!r}")
-    if model.global_pool == "token":
-        pool = SelectClassToken(0)
+    elif model.global_pool == "token":
+        entries = [(join(path, "pool"), SelectClassToken(0))]
     else:
-        pool = TokenMean(0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens)
-    entries = [(join(path, "pool"), pool)] + _norm(model.fc_norm, join(path, "fc_norm"), model)
+        start = 0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens
+        entries = [(join(path, "pool"), TokenMean(start))]
+    entries += _norm(model.fc_norm, join(path, "fc_norm"), model)
     if not _is_identity(model.head):
         entries += flatten(model.head, join(path, "head"))
     return entries
+
+
+def _qk_norm(norm: nn.Module, path: str, model) -> nn.Module | None:
+    """A qk-norm of the attention pool: Identity (None) or a LayerNorm over the head dimension, copied."""
+    if _is_identity(norm):
+        return None
+    if not isinstance(norm, nn.LayerNorm) or len(norm.normalized_shape) != 1:
+        raise _unsupported(model, f"the attention pool's qk-norm {path} ({type(norm).__name__}; only LayerNorm)")
+    return copy_layer(norm)
+
+
+def _attention_pool(model, path: str) -> list:
+    """timm's ``AttentionPoolLatent`` (``global_pool='map'``): AttentionPool, its output projection, the residual
+    MLP ``x + mlp(norm(x))``, and the latent the head reads ('token': the first; 'avg': their mean)."""
+    from timm.layers import AttentionPoolLatent
+
+    pool = model.attn_pool
+    if type(pool) is not AttentionPoolLatent:
+        raise _unsupported(model, f"the attention pool {type(pool).__name__} (only timm's AttentionPoolLatent)")
+    if getattr(pool, "pos_embed", None) is not None:
+        raise _unsupported(model, "a positional embedding inside the attention pool (AttentionPoolLatent "
+                                  "pos_embed='abs')")
+    if pool.pool not in ("token", "avg"):
+        raise _unsupported(model, f"the attention pool's pool_type={pool.pool!r} (only 'token' or 'avg'; "
+                                  f"without it the head gets one vector per latent)")
+    if not isinstance(pool.kv, nn.Linear) or not (_is_identity(pool.q) or isinstance(pool.q, nn.Linear)):
+        raise _unsupported(model, f"the attention pool's projections ({path}.q, {path}.kv; only Linear)")
+    q = nn.Identity() if _is_identity(pool.q) else copy_layer(pool.q)
+    start = 0 if getattr(model, "pool_include_prefix", False) else model.num_prefix_tokens
+    attend = AttentionPool(pool.latent, q, copy_layer(pool.kv), pool.num_heads, pool.scale,
+                           q_norm=_qk_norm(pool.q_norm, join(path, "q_norm"), model),
+                           k_norm=_qk_norm(pool.k_norm, join(path, "k_norm"), model), start=start)
+    entries = [(path, attend)]
+    if not _is_identity(pool.proj):
+        if not isinstance(pool.proj, nn.Linear):
+            raise _unsupported(model, f"the attention pool's output projection ({type(pool.proj).__name__})")
+        entries.append((join(path, "proj"), copy_layer(pool.proj)))
+    if pool.mlp is not None:
+        mlp = _norm(pool.norm, join(path, "norm"), model) + _mlp(pool.mlp, join(path, "mlp"), model)
+        entries.append((join(path, "mlp"), SkipConnection(make_chain(mlp))))
+    elif not _is_identity(pool.norm):
+        raise _unsupported(model, "an attention pool with a norm but no MLP")
+    latent = SelectClassToken(0) if pool.pool == "token" else TokenMean(0)
+    return entries + [(join(path, "pool"), latent)]
 
 
 def canonize_vit(model, path: str = "") -> list:

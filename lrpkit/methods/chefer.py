@@ -14,7 +14,14 @@ gradient's (docs/benchmarks.md).
 Reference code: hila-chefer/Transformer-Explainability (``baselines/ViT/ViT_LRP.py``, methods ``"transformer_
 attribution"`` (= ``"grad"``) and ``"last_layer"``; ``ViT_explanation_generator.py``). lrpkit's version is batched
 (the reference handles one image: its residual rescaling and z^B bounds sum over the whole batch), works on every
-timm ViT that :func:`lrpkit.canonize` supports with a class token read by the head, and runs on any device.
+model with global attention that :func:`lrpkit.canonize` supports (timm ViT, DeiT, BEiT; a score bias and a rotary
+embedding as :class:`~lrpkit.rules.chefer.CheferAttentionRule` defines them), and runs on any device.
+
+The read-out row: the reference explains the class token, whose row of the relevance matrix is the map. A model
+whose head pools the patch tokens by their mean (``global_pool='avg'``: BEiT, such ViTs) does not read its class
+token (if it has one); there the map is the read-out row ``w · C`` with ``w`` the head's weights over the tokens
+(``1/M`` on each of the ``M`` patch tokens, :func:`lrpkit.methods.rollout.readout_weights`), the mean of the pooled
+tokens' rows, as attention rollout reads it. For a class-token model ``w = e_cls`` and nothing changes.
 """
 
 from __future__ import annotations
@@ -36,6 +43,10 @@ from ..rules.chefer import (ATTENTION, ATTENTION_RELEVANCE, CheferAttentionRule,
                             CheferPositionalEmbeddingRule, CheferSelectTokenRule, CheferSkipConnectionRule,
                             CheferSumRule, CheferTokenMeanRule, CheferZBoxRule, CheferZPlusRule)
 from .base import Explainer, NotApplicableError
+from .rollout import readout_weights
+from ..layers import AttentionPool
+from ..rules.pooling import CheferAttentionPoolRule
+from .rollout import pool_readout
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -51,7 +62,8 @@ def chefer_composite(low=None, high=None, *, per_sample: bool = True) -> Composi
     - LayerNormalize, Scale (LayerNorm's affine part, LayerScale), GELU and the other activations, dropout:
       relevance passes unchanged;
     - SelfAttention: :class:`~lrpkit.rules.chefer.CheferAttentionRule` (both products split by gradient × input,
-      each half; softmax passes);
+      each half; softmax passes); AttentionPool (``global_pool='map'``): the same rule,
+      :class:`~lrpkit.rules.pooling.CheferAttentionPoolRule`, whose query is the latent (a constant);
     - SkipConnection / Sum: gradient × input split rescaled to ``|Σa| / (|Σa| + |Σb|) · ΣR``;
     - PositionalEmbedding: the same two-operand rule, the embedding's share dropped;
     - PatchFlatten and ClassToken keep their defaults (inverse reshape; prefix tokens' relevance dropped).
@@ -78,11 +90,12 @@ def chefer_composite(low=None, high=None, *, per_sample: bool = True) -> Composi
         SelectClassToken: CheferSelectTokenRule(),
         TokenMean: CheferTokenMeanRule(),
     }
+    mapping[AttentionPool] = CheferAttentionPoolRule(linear)  # the 'map' head (SigLIP): the same rule, query fixed
     return Composite(GlobalTypeMap(mapping), FirstLayerTypeMap({CONV: first}))
 
 
 class _CheferExplainer(Explainer):
-    """Shared part: canonize once, the Chefer rules, the attention steps in block order, the class-token checks."""
+    """Shared part: canonize once, the Chefer rules, the attention steps in block order, the read-out row."""
 
     needs_attention = True
 
@@ -96,19 +109,37 @@ class _CheferExplainer(Explainer):
             if not isinstance(s.rule, CheferAttentionRule):
                 raise TypeError(f"{self.name} needs CheferAttentionRule on every SelfAttention layer; the composite "
                                 f"maps {s.rule!r} onto layer {s.index} ({s.name})")
-        self._check_class_token(model)
+        #: the attention pool's step ('map'-pooled models, SigLIP), whose latent query is the read-out, or None
+        self.pool_step = next((s for s in every if isinstance(s.layer, AttentionPool)), None)
+        if self.pool_step is not None and not isinstance(self.pool_step.rule, CheferAttentionPoolRule):
+            raise TypeError(f"{self.name} needs CheferAttentionPoolRule on the attention pool; the composite maps "
+                            f"{self.pool_step.rule!r} onto layer {self.pool_step.index} ({self.pool_step.name})")
+        #: whether the head reads the class token (else the mean of the tokens, or the pool's query)
+        self._reads_class_token = self._class_token_read(model) if self.pool_step is None else False
 
-    def _check_class_token(self, model) -> None:
+    def _pool_row(self, rel: torch.Tensor, grad: torch.Tensor | None = None) -> torch.Tensor:
+        """The read-out row (B, N) of a 'map'-pooled model: the pool query's row of ``E_h[(G ⊙ R_A)⁺]``, or of
+        ``E_h[R_A⁺]`` without ``G`` (:func:`~lrpkit.methods.rollout.pool_readout`)."""
+        fused = (rel if grad is None else grad * rel).clamp(min=0).mean(1)
+        return pool_readout(self.chain, fused)
+
+    def _class_token_read(self, model) -> bool:
+        """Whether the head reads the class token (then the map is its row), or pools the tokens (then the map is
+        the read-out row, the mean of the pooled tokens' rows; :func:`lrpkit.methods.rollout.readout_weights`)."""
         tokens = [m for m in self.chain.modules() if isinstance(m, ClassToken)]
-        if not tokens or tokens[0].kinds[0] != "class":
-            raise NotApplicableError(f"{self.name} reads the class token's row of the relevance matrix, but this "
-                            f"{type(model).__name__} has no class token (class_token=False); use a model with a "
-                            f"class token, or an explainer that does not need one (e.g. attention rollout "
-                            f"over the mean of the rows)")
-        if any(isinstance(m, TokenMean) for m in self.chain.modules()):
-            raise NotApplicableError(f"{self.name} explains through the class token, but this {type(model).__name__} pools "
-                            f"the tokens by their mean (global_pool='avg'), so the class token does not carry the "
-                            f"prediction; use a model with global_pool='token'")
+        pooled = any(isinstance(m, TokenMean) for m in self.chain.modules())
+        if not pooled and not (tokens and tokens[0].kinds[0] == "class"):
+            raise NotApplicableError(f"{self.name} reads the row of the token that the head reads, but this "
+                                     f"{type(model).__name__} has neither a class token nor a mean over the tokens")
+        return not pooled
+
+    def _readout(self, n: int, like: torch.Tensor) -> torch.Tensor:
+        """The read-out weights w (N,) over the tokens: the class token (``e_cls``), or the head's mean."""
+        if self._reads_class_token:
+            w = torch.zeros(n, dtype=like.dtype, device=like.device)
+            w[0] = 1.0
+            return w
+        return readout_weights(self.chain, n, self.num_prefix(), device=like.device, dtype=like.dtype)
 
     def table(self) -> str:
         """The rule table of the composite on the canonized chain."""
@@ -132,7 +163,7 @@ class _CheferExplainer(Explainer):
         return dict(tape.handed[ATTENTION_RELEVANCE])
 
     def _explanation(self, x, output, t, row: torch.Tensor, extras: dict | None = None) -> Explanation:
-        """The class-token row over the patch tokens as the token map (B, grid_h, grid_w)."""
+        """The read-out row over the patch tokens as the token map (B, grid_h, grid_w)."""
         gh, gw = self.grid(x)
         patches = row[:, self.num_prefix():]
         if patches.shape[1] != gh * gw:  # pragma: no cover - canonization guarantees the grid
@@ -151,14 +182,17 @@ class TransformerAttribution(_CheferExplainer):
     3. ``Ā_b = E_h[(G_b ⊙ R_b)⁺]`` (clamp before the mean over heads);
     4. ``C = (I + Ā_L) ··· (I + Ā_s)`` without row normalisation, ``s = start_layer``;
     5. the map is C's class-token row over the patch tokens (``token_relevance`` (B, grid_h, grid_w);
-       ``heatmap`` upsamples it bilinearly to the image size).
+       ``heatmap`` upsamples it bilinearly to the image size); for a head that pools the patch tokens by their
+       mean, the read-out row ``w · C`` (the mean of the patch tokens' rows; see the module docstring).
 
     ``start_layer``: first block in the product, 0 ≤ s ≤ depth (the paper's evaluation uses 1, their demo 0;
-    ``s = depth`` gives C = I, a zero map). Only the class-token row is formed (``v ← v (I + Ā_b)`` for
-    b = L..s), and the reverse loop stops at block s's attention: nothing below it (block s's qkv, the patch
-    embedding) is computed. Batched; per-sample results equal those of the samples alone. Needs a class token
-    that the head reads (``global_pool='token'``); for distilled models the class token's row is used (the
-    distillation token is a prefix token, not a patch).
+    ``s = depth`` gives C = I: a zero map for the class token, the constant ``w`` for a mean). Only the read-out
+    row is formed (``v ← v (I + Ā_b)`` for b = L..s, from ``v = e_cls`` or ``w``), and the reverse loop stops at
+    block s's attention: nothing below it (block s's qkv, the patch embedding) is computed. Batched; per-sample
+    results equal those of the samples alone. For distilled models the class token's row is used (the
+    distillation token is a prefix token, not a patch). A model with attention pooling (``global_pool='map'``,
+    SigLIP) is read through its pool: the product starts from the pool query's row of ``E_h[(G ⊙ R_A)⁺]``
+    (the pool is always included; ``start_layer`` counts the blocks below it).
 
     ``TransformerAttribution(model, start_layer=0)(x, target=None) -> Explanation``.
     """
@@ -175,12 +209,16 @@ class TransformerAttribution(_CheferExplainer):
 
     def __call__(self, x: torch.Tensor, target=None) -> Explanation:
         needed = self.attention_steps[self.start_layer:]
-        grad_from = needed[0].index if needed else None
+        pooled = [self.pool_step] if self.pool_step is not None else []
+        grad_from = needed[0].index if needed else pooled[0].index if pooled else None
         output, t, tape = self._start(x, target, grad_from, grad_from)
         gh, gw = self.grid(x)
-        row = torch.zeros(output.shape[0], self.num_prefix() + gh * gw, dtype=x.dtype, device=x.device)
-        row[:, 0] = 1.0  # e_cls
-        if needed:
+        n = self.num_prefix() + gh * gw
+        if self.pool_step is not None:  # replaced by the pool query's row below
+            row = torch.zeros(output.shape[0], n, dtype=x.dtype, device=x.device)
+        else:
+            row = self._readout(n, x).expand(output.shape[0], -1).clone()  # e_cls, or the head's mean w
+        if needed or pooled:
             attns = [a for _, a in sorted(tape.handed.pop(ATTENTION), key=lambda item: item[0])]
             try:
                 with torch.enable_grad():
@@ -192,6 +230,9 @@ class TransformerAttribution(_CheferExplainer):
             del attns  # the records keep A until the reverse loop has passed each block
             rel = self._relevances(tape, output, t)
             with torch.no_grad():
+                if pooled:  # the read-out is the pool's latent query: its row of E_h[(G ⊙ R_A)⁺] starts the product
+                    row = self._pool_row(rel[pooled[0].index], grads[-1]).to(row.dtype)
+                    grads = grads[:-1]
                 for step, grad in zip(reversed(needed), reversed(grads)):
                     a_bar = (grad * rel[step.index]).clamp_(min=0).mean(1)  # (B, N, N)
                     row = row + (row.unsqueeze(1) @ a_bar).squeeze(1)
@@ -201,8 +242,10 @@ class TransformerAttribution(_CheferExplainer):
 class PartialLRP(_CheferExplainer):
     """"Partial LRP", a baseline of Chefer et al. 2021 (after Voita et al. 2019): the relevance ``R_L`` of the last
     block's attention probabilities under :func:`chefer_composite`, negatives clamped, mean over heads, the
-    class-token row over the patch tokens: ``map = E_h[R_L⁺][cls, patches]``. The reverse loop stops at the last
-    block's attention (no gradients, nothing below it).
+    class-token row over the patch tokens: ``map = E_h[R_L⁺][cls, patches]`` (for a head that pools the patch
+    tokens by their mean, the read-out row ``Σ_i w_i E_h[R_L⁺][i, patches]``). The reverse loop stops at the last
+    block's attention (no gradients, nothing below it). On a 'map'-pooled model the last attention is the pool's
+    and the row its query's.
 
     ``PartialLRP(model)(x, target=None) -> Explanation``.
     """
@@ -210,10 +253,15 @@ class PartialLRP(_CheferExplainer):
     name = "PartialLRP"
 
     def __call__(self, x: torch.Tensor, target=None) -> Explanation:
-        last = self.attention_steps[-1]
+        last = self.pool_step if self.pool_step is not None else self.attention_steps[-1]
         output, t, tape = self._start(x, target, last.index)
         rel = self._relevances(tape, output, t)[last.index]
-        row = rel[:, :, 0].clamp(min=0).mean(1)  # (B, N)
+        if self.pool_step is not None:  # the last attention is the pool's; its latent query is the read-out
+            return self._explanation(x, output, t, self._pool_row(rel))
+        if self._reads_class_token:
+            row = rel[:, :, 0].clamp(min=0).mean(1)  # (B, N)
+        else:
+            row = torch.einsum("n,bhnm->bhm", self._readout(rel.shape[-1], rel), rel.clamp(min=0)).mean(1)
         return self._explanation(x, output, t, row)
 
 

@@ -17,25 +17,30 @@ uses its own gradient, and it handles whole batches (vit-explain explains batch 
 
 The read-out row is the token the classifier head reads: the class token for ``global_pool='token'``; the
 mean of the class- and distillation-token rows for distilled DeiT (whose head averages both); the mean of the
-patch-token rows for ``global_pool='avg'`` (models without a class token). See :func:`readout_weights`.
+patch-token rows for ``global_pool='avg'`` (models without a class token). See :func:`readout_weights`. A model
+with attention pooling (``global_pool='map'``, SigLIP) reads the tokens through the pool's latent query: the read-out
+row is then the query's attention over the tokens, fused over the heads as the method fuses a block's (for more than
+one latent, weighted as the head reads them; zero for prefix tokens the pool leaves out), and the map is that row
+times the blocks' matrix (:func:`pool_readout`). The pool has no residual path, so its row gets no identity.
 
 The pure functions (:func:`fuse_heads`, :func:`discard_smallest`, :func:`normalize_rows`, :func:`rollout`,
-:func:`readout_weights`, :func:`token_map`) are the math; the classes run them on a model.
+:func:`readout_weights`, :func:`pool_readout`, :func:`token_map`) are the math; the classes run them on a model.
 """
 
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from einops import rearrange
 
 from ..analyzer import resolve_target
 from ..explanation import Explanation
 from ..layers import Chain, SelectClassToken, TokenMean
-from ._capture import attention_and_gradients, run_with_attention
+from ._capture import attention_and_gradients, attention_pool, run_with_attention, split_pool
 from .base import Explainer
 
 __all__ = ["AttentionRollout", "GradientRollout", "fuse_heads", "discard_smallest", "normalize_rows", "rollout",
-           "readout_weights", "token_map"]
+           "readout_weights", "pool_readout", "token_map"]
 
 HEAD_FUSIONS = ("mean", "max", "min")
 
@@ -128,6 +133,18 @@ def readout_weights(chain: Chain, num_tokens: int, num_prefix: int, device=None,
     return w / len(pools)
 
 
+def pool_readout(chain: Chain, fused: torch.Tensor) -> torch.Tensor:
+    """The read-out row of a chain with an attention pool (timm's ``global_pool='map'``) from the pool's attention
+    fused over the heads, ``fused`` (B, L, N − start): the latents' rows weighted as the head reads them
+    (``λ`` = :func:`readout_weights` of the latents: the first for pool_type 'token', all equally for 'avg'),
+    ``Σ_l λ_l fused[:, l]``, with zeros for the ``start`` prefix tokens the pool leaves out: (B, N)."""
+    pool = attention_pool(chain)
+    if pool is None:
+        raise ValueError("pool_readout needs a chain with an attention pool (global_pool='map')")
+    lam = readout_weights(chain, fused.shape[1], 0, device=fused.device, dtype=fused.dtype)
+    return F.pad(torch.einsum("l,blm->bm", lam, fused), (pool.start, 0))
+
+
 def token_map(rows: torch.Tensor, num_prefix: int, grid: tuple[int, int]) -> torch.Tensor:
     """The patch-token part of per-sample rows (B, N), reshaped to the patch grid (B, gh, gw)
     (token ``P + h·gw + w`` is patch (h, w), P = number of prefix tokens)."""
@@ -159,9 +176,13 @@ def _grad_input(x: torch.Tensor) -> torch.Tensor:
     return x.detach().requires_grad_(True)
 
 
-def _readout_map(explainer: Explainer, matrix: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-    """``w · matrix`` over the patch tokens on the grid: (B, N, N) -> (B, gh, gw)."""
+def _readout_map(explainer: Explainer, matrix: torch.Tensor, x: torch.Tensor,
+                 pool_row: torch.Tensor | None = None) -> torch.Tensor:
+    """``w · matrix`` over the patch tokens on the grid: (B, N, N) -> (B, gh, gw); ``w`` the read-out weights, or
+    per sample the attention pool's row ``pool_row`` (B, N) (:func:`pool_readout`)."""
     p = explainer.num_prefix()
+    if pool_row is not None:
+        return token_map(torch.einsum("bn,bnm->bm", pool_row.to(matrix.dtype), matrix), p, explainer.grid(x))
     w = readout_weights(explainer.chain, matrix.shape[-1], p, device=matrix.device, dtype=matrix.dtype)
     return token_map(torch.einsum("n,bnm->bm", w, matrix), p, explainer.grid(x))
 
@@ -190,10 +211,12 @@ class AttentionRollout(Explainer):
 
     ``rollout = Â_L ⋯ Â_1`` with ``Â_b = rownorm((fuse_h(A_b) [discarded] + I) / 2)`` (see the module docstring);
     the map is the read-out (class-token) row over the patch tokens, (B, grid_h, grid_w) in
-    ``Explanation.token_relevance``. ``head_fusion``: "mean" (the paper), "max" or "min" (vit-explain);
-    ``discard_ratio`` in [0, 1): fraction of the smallest fused entries zeroed per sample and block, never the
-    class token's self-attention. The explanation does not depend on the target; ``target`` only sets
-    ``Explanation.target``. Cost: one forward pass (no gradients), plus one N×N product per block.
+    ``Explanation.token_relevance``; on a 'map'-pooled model the read-out row is the pool query's attention, fused
+    over the heads the same way (:func:`pool_readout`; nothing discarded). ``head_fusion``: "mean" (the paper),
+    "max" or "min" (vit-explain); ``discard_ratio`` in [0, 1): fraction of the smallest fused entries zeroed per
+    sample and block, never the class token's self-attention. The explanation does not depend on the target;
+    ``target`` only sets ``Explanation.target``. Cost: one forward pass (no gradients), plus one N×N product per
+    block.
     """
 
     name = "AttentionRollout"
@@ -209,11 +232,13 @@ class AttentionRollout(Explainer):
     def __call__(self, x: torch.Tensor, target=None) -> Explanation:
         self.check_input(x)
         store = _RolloutStore(self.head_fusion, self.discard_ratio, _protected_token(self))
+        pool: list = []
         with torch.no_grad():
-            out = run_with_attention(self.chain, x, store)
+            out = run_with_attention(self.chain, x, store, pool)
         t = resolve_target(out, target)
+        row = pool_readout(self.chain, fuse_heads(_working_dtype(pool[0]), self.head_fusion)) if pool else None
         return Explanation(relevance=None, output=out, target=t, method=self.name, patch_size=self.patch_size,
-                           input_size=tuple(x.shape[-2:]), token_relevance=_readout_map(self, store.result, x),
+                           input_size=tuple(x.shape[-2:]), token_relevance=_readout_map(self, store.result, x, row),
                            extras={"head_fusion": self.head_fusion, "discard_ratio": self.discard_ratio})
 
 
@@ -243,8 +268,9 @@ class GradientRollout(Explainer):
     """Gradient Attention Rollout (vit-explain, Gildenblat 2020), class-specific.
 
     As :class:`AttentionRollout`, but block b is fused as ``clamp(mean_h(A_b ⊙ ∂y_t/∂A_b), min=0)`` with
-    y_t the target logit and each block's attention paired with its own gradient. ``target``: None (argmax),
-    an int or one index per sample. Cost: one forward and one backward pass.
+    y_t the target logit and each block's attention paired with its own gradient; on a 'map'-pooled model the
+    read-out row is the pool query's attention fused the same way with its own gradient (:func:`pool_readout`).
+    ``target``: None (argmax), an int or one index per sample. Cost: one forward and one backward pass.
     """
 
     name = "GradientRollout"
@@ -258,7 +284,11 @@ class GradientRollout(Explainer):
     def __call__(self, x: torch.Tensor, target=None) -> Explanation:
         self.check_input(x)
         out, t, attns, grads = attention_and_gradients(self.chain, _grad_input(x), target, with_grad=True)
+        (attns, pool_a), (grads, pool_g) = split_pool(self.chain, attns), split_pool(self.chain, grads)
         matrix = gradient_rollout(attns, grads, self.discard_ratio, _protected_token(self))
+        row = None
+        if pool_a is not None:
+            row = pool_readout(self.chain, gradient_fused(_working_dtype(pool_a), _working_dtype(pool_g)))
         return Explanation(relevance=None, output=out, target=t, method=self.name, patch_size=self.patch_size,
-                           input_size=tuple(x.shape[-2:]), token_relevance=_readout_map(self, matrix, x),
+                           input_size=tuple(x.shape[-2:]), token_relevance=_readout_map(self, matrix, x, row),
                            extras={"discard_ratio": self.discard_ratio})

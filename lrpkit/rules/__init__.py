@@ -12,6 +12,7 @@ from .base import (ACTIVATION_TYPES, LINEAR_TYPES, MAXPOOL_TYPES, NORM_TYPES, PO
 from .basic import (AlphaBetaRule, EpsilonRule, FlatRule, GammaRule, GeneralizedGammaRule, MaxPoolRule, PassRule,
                     WSquareRule, ZBoxRule, ZeroRule, ZPlusRule)
 from .convnext import GlobalResponseNormRule, PermuteRule
+from .pooling import AttentionPoolRule
 from .structural import ProductRule, SkipConnectionRule, SumRule
 from .swin import SpaceToDepthRule
 from .terms import Group, Term, TermRule
@@ -35,6 +36,7 @@ register_rule(L.Scale, EpsilonRule())
 register_rule(L.SelfAttention, SelfAttentionRule())
 register_rule(L.Permute, PermuteRule())
 register_rule(L.GlobalResponseNormalize, GlobalResponseNormRule())
+register_rule(L.AttentionPool, AttentionPoolRule())
 register_rule(L.SpaceToDepth, SpaceToDepthRule())
 
 __all__ = [
@@ -44,5 +46,6 @@ __all__ = [
     "SelfAttentionRule", "PositionalEmbeddingRule", "LayerNormRule", "PatchFlattenRule", "ClassTokenRule",
     "SelectClassTokenRule", "TokenMeanRule",
     "PermuteRule", "GlobalResponseNormRule",
+    "AttentionPoolRule",
     "SpaceToDepthRule",
 ]

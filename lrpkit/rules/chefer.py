@@ -12,8 +12,10 @@ Notation as in :mod:`lrpkit.rules.basic`; ``t⁺ = max(t, 0)``; ``sdiv(a, b) = a
 - :class:`CheferPassRule`: LayerNorm (LayerNormalize and Scale), GELU and the other activations, dropout:
   ``R_in = R``.
 - :class:`CheferAttentionRule`: both attention products (``q kᵀ`` and ``A v``) split by gradient × input between
-  their two factors, each half; the softmax and the qk-norms pass relevance unchanged. It hands out the
-  relevance of the attention probabilities of each block under :data:`ATTENTION_RELEVANCE`.
+  their two factors, each half; the softmax and the qk-norms pass relevance unchanged; a constant score bias
+  (BEiT's relative position bias) is a summand of the scores and keeps its share of their sum rule; a rotary
+  embedding (EVA-02) is part of the product ``rope(q) rope(k)ᵀ``, bilinear in q and k. It hands out the relevance
+  of the attention probabilities of each block under :data:`ATTENTION_RELEVANCE`.
 - :class:`CheferSkipConnectionRule` / :class:`CheferSumRule`: gradient × input split of a sum, then both (all)
   branches rescaled so that branch ``k`` holds ``|Σ a_k| / Σ_k' |Σ a_k'| · Σ R``.
 - :class:`CheferPositionalEmbeddingRule`: ``x + e`` treated as such a sum of two operands; the embedding's
@@ -53,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import LayerNormalize, PositionalEmbedding, Scale, SelfAttention, SkipConnection
+from ..layers import LayerNormalize, PositionalEmbedding, Rotary, Scale, SelfAttention, SkipConnection
 from ..propagate import Record, Step, per_sample
 from ..traits import Traits
 from .base import ACTIVATION_TYPES, RESHAPE_TYPES, IncompatibleRuleError, Rule
@@ -405,16 +407,28 @@ class CheferAttentionRule(Rule):
 
     - output projection: ``linear_rule`` (α1β0, bias ignored) gives ``R_y`` for ``y = A v``;
     - ``A v``: ``s = sdiv(R_y, y)``; ``R_A = A ⊙ (s vᵀ) / 2``, ``R_v = v ⊙ (Aᵀ s) / 2``;
-    - softmax and the constant factor ``scale`` pass: the relevance of ``dots = q kᵀ`` is ``R_A``;
-    - ``dots = q kᵀ``: ``s' = sdiv(R_A, dots)``; ``R_q = q ⊙ (s' k) / 2``, ``R_k = k ⊙ (s'ᵀ q) / 2``; qk-norms
-      (LayerNorm) pass;
+    - softmax and the constant factor ``scale`` pass: the relevance of the scores ``S`` is ``R_A``;
+    - a constant score bias ``B`` (BEiT's relative position bias; ``S = q kᵀ·scale + B``) is a summand of the
+      scores, and Chefer et al. treat a sum of two operands with their sum rule (their ``Add.relprop``, which lrpkit
+      applies to the residuals and the positional embedding as well): ``t = sdiv(R_A, S)``, the shares
+      ``P ⊙ t`` of the product ``P = q kᵀ·scale`` and ``B ⊙ t`` of the bias, rescaled per sample
+      (:func:`rescaled_split`) to ``|ΣPt| / (|ΣPt| + |ΣBt|) · ΣR_A`` and ``|ΣBt| / (|ΣPt| + |ΣBt|) · ΣR_A``. The
+      bias's share stays with it (accounting: ``attention_bias``); the product's, ``R_P``, goes on. Without a
+      bias ``R_P = R_A``;
+    - ``dots = q' k'ᵀ`` with ``q' = rope(norm_q(q))``, ``k' = rope(norm_k(k))``: ``s' = sdiv(R_P, dots)``;
+      ``R_q = norm_q(q) ⊙ Jᵀ(s' k') / 2``, ``R_k = norm_k(k) ⊙ Jᵀ(s'ᵀ q') / 2`` with ``J`` the (linear) rotary
+      embedding (:class:`~lrpkit.layers.Rotary`; the identity without one). That is Chefer et al.'s product rule,
+      gradient × input halved, applied to the map ``(q, k) ↦ rope(q) rope(k)ᵀ``, which is bilinear in q and k, so
+      that ``Σ R_q = Σ R_k = Σ R_P / 2`` (Euler), and it equals the rule on ``q' k'ᵀ`` followed by gradient × input
+      through the rotation (which has no bias); qk-norms (LayerNorm) pass;
     - ``[R_q, R_k, R_v]`` through the qkv projection with ``linear_rule``.
 
     ``R_A`` (B, heads, N, N), the relevance of the attention probabilities, is handed out as ``(step.index, R_A)``
     under :data:`ATTENTION_RELEVANCE` (→ ``Explanation.extras``); where the tape stops after this step, nothing
     below ``R_A`` is computed. The recording pass keeps the graph of its input (if it has one) and then hands out
-    the attention probabilities under :data:`ATTENTION`. Conserves at both products; the projections conserve as
-    :class:`CheferLinearRule` does.
+    the attention probabilities under :data:`ATTENTION`. Conserves at both products and at the bias's sum; the
+    projections conserve as :class:`CheferLinearRule` does. Attention within groups of tokens (Swin's windows) is
+    refused: Chefer et al.'s method composes token-to-token attention maps, which windows do not have.
 
     The record keeps ``x W_qkv``, ``A`` and ``y W_proj`` (and the input, unless the tape recomputes it); ``lrp``
     recomputes q, k, v, ``q kᵀ``, ``y = A v`` and the merged heads from them (:meth:`values` shows them). The
@@ -441,10 +455,12 @@ class CheferAttentionRule(Rule):
         if not isinstance(layer.norm, nn.Identity):
             raise IncompatibleRuleError("CheferAttentionRule does not handle a norm after the attention "
                                         "(scale_attn_norm)")
-        if layer.attn_bias is not None or not isinstance(layer.rope, nn.Identity) or \
-                type(layer).group is not SelfAttention.group:
-            raise IncompatibleRuleError("CheferAttentionRule handles global attention without a score bias or a "
-                                        "rotary embedding (timm ViT/DeiT); this layer has one of them")
+        if not isinstance(layer.rope, (nn.Identity, Rotary)):
+            raise IncompatibleRuleError(f"CheferAttentionRule handles lrpkit.layers.Rotary position embeddings (a "
+                                        f"linear map of q and k); got {type(layer.rope).__name__}")
+        if type(layer).group is not SelfAttention.group:
+            raise IncompatibleRuleError("CheferAttentionRule handles global attention (every token attends to every "
+                                        "token); this layer attends within groups of tokens (windows)")
 
     def prepare(self, layer: SelfAttention):
         sub = {"qkv": Step(layer.qkv, self.linear_rule, -1, "qkv", "qkv"),
@@ -460,14 +476,14 @@ class CheferAttentionRule(Rule):
             qkv_out = _kept(qkv.output)  # x W + b, as its recipe from x W
             q, k, v = (_recomputable(t, _head, layer, qkv_out, i, False)  # a qk-norm's graph saves its input
                        for i, t in enumerate(_heads(layer, qkv.output)))
-            qn, kn = layer.q_norm(q), layer.k_norm(k)
+            qr, kr = layer.positions(q, k)  # qk-norm, then the rotary embedding (each the identity if absent)
             # the products as torch.matmul computes them (bmm on per-head copies), the copies marked so that the
             # graph saves them as recipes from x W (the record's) instead of a second copy of q, k and v
-            q_c = _recomputable(_fold(qn), _head, layer, qkv_out, 0, True)
-            k_c = _recomputable(_fold(kn.transpose(-2, -1)), _head, layer, qkv_out, 1, True)
+            q_c = _recomputable(_fold(qr), _head, layer, qkv_out, 0, True)
+            k_c = _recomputable(_fold(kr.transpose(-2, -1)), _head, layer, qkv_out, 1, True)
             v_c = _recomputable(_fold(v), _head, layer, qkv_out, 2, True)
-            dots = torch.bmm(q_c, k_c).view(qn.shape[:-1] + kn.shape[-2:-1])
-            attn = (dots * layer.scale).softmax(-1)
+            dots = torch.bmm(q_c, k_c).view(qr.shape[:-1] + kr.shape[-2:-1])
+            attn = _scores(layer, dots, qr).softmax(-1)
             y = torch.bmm(_fold(attn), v_c).view(attn.shape[:-1] + v.shape[-1:])
             proj = self.linear_rule.forward(sub["proj"], layer.merge_heads(y), tape)
         if attn.requires_grad:
@@ -487,15 +503,16 @@ class CheferAttentionRule(Rule):
             y = _attend(e["attn"], v)
         e["proj"].input = layer.merge_heads(y)
         R_y = layer.split_heads(self.linear_rule.lrp(sub["proj"], e["proj"], R, tape))
-        R_qkv = self._products(layer, e["attn"], q, k, v, y, R_y, step, tape)
+        R_qkv = self._products(layer, e["attn"], q, k, v, y, R_y, step, tape, rec)
         if R_qkv is None:
             return None
         e["qkv"].input = rec.input
         return self.linear_rule.lrp(sub["qkv"], e["qkv"], R_qkv, tape)
 
-    def _products(self, layer, attn, q, k, v, y, R_y: torch.Tensor, step: Step, tape) -> torch.Tensor | None:
-        """``R_y`` through ``y = A v`` and ``q kᵀ``: the relevance of the qkv projection's output (hands out
-        ``R_A``; None where the tape stops after this step). Its temporaries are freed on return."""
+    def _products(self, layer, attn, q, k, v, y, R_y: torch.Tensor, step: Step, tape,
+                  rec: Record) -> torch.Tensor | None:
+        """``R_y`` through ``y = A v``, the score bias and ``q kᵀ``: the relevance of the qkv projection's output
+        (hands out ``R_A``; None where the tape stops after this step). Its temporaries are freed on return."""
         eps = self.epsilon
         with torch.no_grad():
             s = safe_divide(R_y * 0.5, y, eps)  # the halves folded into s
@@ -509,9 +526,23 @@ class CheferAttentionRule(Rule):
             R_v.copy_((attn.transpose(-2, -1) @ s).mul_(v))
             del s
             qn, kn = layer.q_norm(q), layer.k_norm(k)
-            s2 = _safe_divide_into(R_attn, qn @ kn.transpose(-2, -1), eps)  # q kᵀ recomputed, bitwise the forward's
-            R_q.copy_((s2 @ kn).mul_(qn).mul_(0.5))
-            R_k.copy_((s2.transpose(-2, -1) @ qn).mul_(kn).mul_(0.5))
+            qr, kr = layer.rope(qn), layer.rope(kn)
+            dots = qr @ kr.transpose(-2, -1)  # q kᵀ recomputed, bitwise the forward's
+            bias = layer.score_bias(qr)
+            if bias is None:
+                s2 = _safe_divide_into(R_attn, dots, eps)
+            else:  # S = P + B, P = q kᵀ·scale: Chefer's sum rule; the bias keeps its share
+                t = safe_divide(R_attn, _scores(layer, dots, qr), eps)
+                R_P, R_B = rescaled_split([(dots * layer.scale).mul_(t), t.mul_(bias)], R_attn)
+                rec.absorbed["attention_bias"] = per_sample(R_B)
+                del t, R_B
+                s2 = _safe_divide_into(R_P, dots, eps)
+            if isinstance(layer.rope, nn.Identity):
+                R_q.copy_((s2 @ kn).mul_(qn).mul_(0.5))
+                R_k.copy_((s2.transpose(-2, -1) @ qn).mul_(kn).mul_(0.5))
+            else:  # gradient × input of (q, k) ↦ rope(q) rope(k)ᵀ: the rotation's transpose on s' k'
+                R_q.copy_(_transposed(layer.rope, qn, s2 @ kr).mul_(qn).mul_(0.5))
+                R_k.copy_(_transposed(layer.rope, kn, s2.transpose(-2, -1) @ qr).mul_(kn).mul_(0.5))
             return R_qkv
 
     def traits(self, layer) -> Traits:
@@ -521,19 +552,37 @@ class CheferAttentionRule(Rule):
     @staticmethod
     def values(layer: SelfAttention, rec: Record) -> dict:
         """The intermediate values of the recorded forward pass through ``layer``, from its record (as ``lrp`` sees
-        them): ``qn``, ``kn``, ``v`` (B, heads, N, d), ``dots = qn knᵀ`` and ``attn`` (B, heads, N, N), ``y = attn v``
-        (B, heads, N, d)."""
+        them): ``qn``, ``kn`` (after the qk-norms), ``qr``, ``kr`` (rotated; ``qn``, ``kn`` without a rotary
+        embedding), ``v`` (B, heads, N, d), ``dots = qr krᵀ``, ``bias`` (the score bias or None), ``scores`` and
+        ``attn`` (B, heads, N, N), ``y = attn v`` (B, heads, N, d)."""
         with torch.no_grad():
             q, k, v = _heads(layer, _value(rec.extras["qkv_out"]))
             qn, kn = layer.q_norm(q), layer.k_norm(k)
+            qr, kr = layer.rope(qn), layer.rope(kn)
+            dots = qr @ kr.transpose(-2, -1)
             attn = rec.extras["attn"]
-            return {"qn": qn, "kn": kn, "v": v, "dots": qn @ kn.transpose(-2, -1), "attn": attn,
-                    "y": _attend(attn, v)}
+            return {"qn": qn, "kn": kn, "qr": qr, "kr": kr, "v": v, "dots": dots, "bias": layer.score_bias(qr),
+                    "scores": _scores(layer, dots, qr), "attn": attn, "y": _attend(attn, v)}
 
 
 def _heads(layer: SelfAttention, qkv: torch.Tensor) -> list[torch.Tensor]:
     """q, k, v (B, heads, N, d): views of the qkv projection's output (B, N, 3·heads·d)."""
     return [layer.split_heads(t) for t in qkv.chunk(3, dim=-1)]
+
+
+def _scores(layer: SelfAttention, dots: torch.Tensor, q: torch.Tensor) -> torch.Tensor:
+    """``S = dots · scale (+ B)`` as the forward computes it, ``dots = q kᵀ`` (B, H, N, N)."""
+    scores = dots * layer.scale
+    bias = layer.score_bias(q)
+    return scores if bias is None else scores + bias
+
+
+def _transposed(rope: nn.Module, x: torch.Tensor, g: torch.Tensor) -> torch.Tensor:
+    """``Jᵀ g`` for the linear map ``rope`` (its vector-Jacobian product; ``x`` gives only the shape)."""
+    with torch.enable_grad():
+        x_ = torch.zeros_like(x, requires_grad=True)
+        (out,) = torch.autograd.grad(rope(x_), x_, g)
+    return out
 
 
 def _fold(t: torch.Tensor) -> torch.Tensor:
@@ -547,8 +596,8 @@ def _attend(attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 
 
 def _head(layer: SelfAttention, qkv_out, i: int, folded: bool) -> torch.Tensor:
-    """Recipe: the ``i``-th of q, k, v from the kept qkv output; ``folded``: normalised (q, k) and folded as the
-    forward's product takes it (kᵀ for k)."""
+    """Recipe: the ``i``-th of q, k, v from the kept qkv output; ``folded``: normalised and rotated (q, k) and folded
+    as the forward's product takes it (kᵀ for k)."""
     if isinstance(qkv_out, _Recipe) and qkv_out.fn is torch.add:  # x W + b: only the i-th third (element-wise)
         zn, b = qkv_out.args
         with torch.no_grad():
@@ -558,7 +607,7 @@ def _head(layer: SelfAttention, qkv_out, i: int, folded: bool) -> torch.Tensor:
     if not folded:
         return t
     if i < 2:
-        t = (layer.q_norm if i == 0 else layer.k_norm)(t)
+        t = layer.rope((layer.q_norm if i == 0 else layer.k_norm)(t))
     return _fold(t.transpose(-2, -1) if i == 1 else t)
 
 

@@ -78,7 +78,8 @@ class ProductRule(Rule):
     - ``mode="gate"`` (the default, and what the CNN presets and CP-LRP use): the gate is held constant, as CP-LRP
       holds attention probabilities constant; ``y`` is then linear in ``s`` and the relevance passes through the
       signal unchanged, ``R_s = R`` (summed over the dimensions along which ``s`` was broadcast); the gate branch
-      gets none. For a squeeze-excitation block ``x ⊙ σ(g(mean(x)))`` this is ``R_x = R``.
+      gets none (the recording pass evaluates it without recording its layers). For a squeeze-excitation block
+      ``x ⊙ σ(g(mean(x)))`` this is ``R_x = R``.
     - ``mode="uniform"`` (AttnLRP's rule for a product of two signals, Achtibat et al. 2024): half to each factor,
       ``R_s = R / 2``, ``R_g = R / 2`` (each summed over its broadcast dimensions), each propagated through its
       branch and the input relevances added. The ε → 0 limit of LRP-ε with the halving (``R_s = s ⊙ ∂y/∂s ⊙
@@ -97,7 +98,13 @@ class ProductRule(Rule):
 
     def forward(self, step: Step, x: torch.Tensor, tape) -> Record:
         x = x.detach()
-        s, g = (tape.forward(branch, x).detach() for branch in step.children)
+        signal, gate = step.children
+        s = tape.forward(signal, x).detach()
+        if self.mode == "gate":  # a constant: evaluated, not recorded (the reverse loop never enters the branch)
+            with torch.no_grad():
+                g = step.layer.gate(x)
+        else:
+            g = tape.forward(gate, x).detach()
         return Record(x, s * g, extras={"shapes": (s.shape, g.shape)})
 
     def lrp(self, step: Step, rec: Record, R: torch.Tensor, tape) -> torch.Tensor:

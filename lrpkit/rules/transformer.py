@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..layers import (ClassToken, LayerNormalize, PatchFlatten, PositionalEmbedding, SelectClassToken,
+from ..layers import (ClassToken, LayerNormalize, PatchFlatten, PositionalEmbedding, Rotary, SelectClassToken,
                       SelfAttention, TokenMean)
 from ..propagate import Record, Step, per_sample
 from ..traits import Traits
@@ -114,9 +114,10 @@ class LayerNormRule(_ClosedFormRule):
 
     def lrp(self, step, rec, R, tape):
         x, dim = rec.input, step.layer.dim  # dim: the normalised dimension (-1; 1 for timm's LayerNorm2d)
-        var, mean = torch.var_mean(x, dim, unbiased=False, keepdim=True)  # μ and σ² in one pass
-        sigma = var.add_(step.layer.eps).sqrt_()
-        y = (x - mean).div_(sigma)
+        sigma = step.layer.sigma(x)
+        # y as the forward computed it (and R was derived from): in bfloat16, (x − μ)/σ evaluated step by step
+        # rounds differently from layer_norm, and R / y would amplify the difference where y is small
+        y = step.layer(x)
         s = divide(R, y, self.epsilon)
         s = s.sub_(s.mean(dim, keepdim=True)) if writable(s, R) else s - s.mean(dim, keepdim=True)
         return torch.div(x, sigma).mul_(s)
@@ -219,12 +220,11 @@ class SelfAttentionRule(Rule):
             with torch.no_grad():
                 q, k, v = (layer.split_heads(t) for t in v_rec.output.detach().chunk(3, dim=-1))
                 qn, kn = layer.q_norm(q), layer.k_norm(k)
-                qr, kr = layer.rope(qn), layer.rope(kn)
-                scores = layer.scores(qr, kr)
-                attn = scores.softmax(-1)
-                y = attn @ v
-            extras = {"value": v_rec, "attn": attn, "q": q, "k": k, "qn": qn, "kn": kn, "qr": qr, "kr": kr, "v": v,
-                      "scores": scores, "y": y}
+                scores = layer.scores(layer.rope(qn), layer.rope(kn))
+                y = scores.softmax(-1) @ v
+            # A = softmax(S), the rotated q and k and y (the out projection's input) are recomputed in lrp, not
+            # kept: the record holds one (B, H, N, N) tensor per block instead of two
+            extras = {"value": v_rec, "q": q, "k": k, "qn": qn, "kn": kn, "v": v, "scores": scores}
         o_rec = self.out_rule.forward(sub["out"], layer.merge_heads(y), tape)
         extras["out"] = o_rec
         return Record(x, layer.ungroup(o_rec.output.detach(), x.shape[0]), extras=extras)
@@ -250,24 +250,26 @@ class SelfAttentionRule(Rule):
         # The uniform rule of both products in closed form (bilinear_lrp's values, without a second product and an
         # autograd graph): for O = X Y with s = R_O / (2·stab(O)), R_X = X ⊙ (s Yᵀ) and R_Y = Y ⊙ (Xᵀ s).
         eps = self.epsilon
-        A, S, v = e["attn"], e["scores"], e["v"]
-        s = divide(R_y, e["y"], eps).mul_(0.5)  # y = A v
+        S, qr, kr, v = e["scores"], layer.rope(e["qn"]), layer.rope(e["kn"]), e["v"]
+        A, y = S.softmax(-1), layer.split_heads(e["out"].input)  # as the forward computed them
+        s = divide(R_y, y, eps).mul_(0.5)  # y = A v
         R_v = v * (A.transpose(-2, -1) @ s)
         g = s @ v.transpose(-2, -1)  # R_A = A ⊙ g
         # softmax Taylor rule (Achtibat et al. 2024, Prop. 3.1): R_S = S ⊙ (R_A − A ⊙ Σ_j R_A) = S ⊙ A ⊙ (g − Σ_j A g)
         R_S = g.sub_((A.unsqueeze(-2) @ g.unsqueeze(-1)).squeeze(-1)).mul_(A).mul_(S)
+        del A, g
         # S = q kᵀ·scale + B, t = R_S / stab(S): the bias B takes B ⊙ t, the product the rest, half to each factor
         t = divide(R_S, S, eps)
-        del g, R_S
-        bias = layer.score_bias(e["qr"])
+        del R_S
+        bias = layer.score_bias(qr)
         if bias is not None:
             rec.absorbed["attention_bias"] = _regroup(_sum_product(bias, t), batch)
         half = 0.5 * layer.scale
-        R_qr = e["qr"] * (t @ e["kr"]).mul_(half)
-        R_kr = e["kr"] * (t.transpose(-2, -1) @ e["qr"]).mul_(half)
+        R_qr = qr * (t @ kr).mul_(half)
+        R_kr = kr * (t.transpose(-2, -1) @ qr).mul_(half)
         del t
-        R_qn = _rope_lrp(layer.rope, e["qn"], e["qr"], R_qr, eps)
-        R_kn = _rope_lrp(layer.rope, e["kn"], e["kr"], R_kr, eps)
+        R_qn = _rope_lrp(layer.rope, e["qn"], qr, R_qr, eps)
+        R_kn = _rope_lrp(layer.rope, e["kn"], kr, R_kr, eps)
         R_q = _norm_lrp(layer.q_norm, e["q"], e["qn"], R_qn, eps)
         R_k = _norm_lrp(layer.k_norm, e["k"], e["kn"], R_kn, eps)
         return torch.cat([layer.merge_heads(t) for t in (R_q, R_k, R_v)], dim=-1)
@@ -294,9 +296,11 @@ def _regroup(per_group: torch.Tensor, batch: int) -> torch.Tensor:
 
 def _rope_lrp(rope: nn.Module, x: torch.Tensor, y: torch.Tensor, R: torch.Tensor, eps: float) -> torch.Tensor:
     """LRP-ε through a rotary embedding ``y = rope(x)`` (linear, no bias): ``R_x = x ⊙ Jᵀ (R / stab(y))``; the
-    identity passes ``R``."""
+    identity passes ``R``. ``Jᵀ`` in closed form for a :class:`~lrpkit.layers.Rotary`, else by autograd."""
     if isinstance(rope, nn.Identity):
         return R
+    if isinstance(rope, Rotary):
+        return x * rope.transpose(divide(R, y, eps))
     with torch.enable_grad():
         x_ = x.detach().requires_grad_(True)
         (g,) = torch.autograd.grad(rope(x_), x_, divide(R, y, eps))
