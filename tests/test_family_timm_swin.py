@@ -218,7 +218,8 @@ def test_model_is_untouched():
     state = {k: v.clone() for k, v in model.state_dict().items()}
     flags = [p.requires_grad for p in model.parameters()]
     for preset in (presets.CPLRP(), presets.AttnLRP()):
-        e = lrpkit.LRP(model, preset)(image(1))
+        with pytest.warns(UserWarning, match="training mode"):
+            e = lrpkit.LRP(model, preset)(image(1))
         assert torch.isfinite(e.relevance).all()
     assert model.training and not calls
     assert [p.requires_grad for p in model.parameters()] == flags
