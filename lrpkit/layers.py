@@ -254,10 +254,12 @@ class Scale(nn.Module):
 
 
 class Permute(nn.Module):
-    """``y = x.permute(dims)`` (made contiguous), e.g. (B, C, H, W) -> (B, H, W, C) for a channels-last MLP (timm's
-    ConvNeXt block).
+    """``y = x.permute(dims)``, e.g. (B, C, H, W) -> (B, H, W, C) for a channels-last MLP (timm's ConvNeXt block).
 
-    A pure rearrangement: its rule is the inverse permutation of the relevance."""
+    A view, as in timm: a ConvNeXt's feature maps lie channels last in memory (its LayerNorm2d leaves them so), so
+    the permuted tensor is contiguous and the one permuted back is channels last again; a copy in either direction
+    would mix the two layouts in the element-wise steps after it. A pure rearrangement: its rule is the inverse
+    permutation of the relevance."""
 
     def __init__(self, dims: Sequence[int]):
         super().__init__()
@@ -272,8 +274,7 @@ class Permute(nn.Module):
         return tuple(inv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # dense, not a strided view: the norm after it (and its rule) read it along the new last dimension
-        return x.permute(self.dims).contiguous()
+        return x.permute(self.dims)
 
     def extra_repr(self) -> str:
         return f"dims={self.dims}"

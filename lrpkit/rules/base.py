@@ -94,10 +94,20 @@ def divide(R: torch.Tensor, z: torch.Tensor, epsilon, gate: torch.Tensor | None 
     return torch.div(R, d, out=d)
 
 
+def dense(t: torch.Tensor) -> bool:
+    """Whether ``t`` fills its memory without gaps or overlaps, laid out contiguously or channels last (a timm
+    ConvNeXt's feature maps are channels last, as the layer norms over the channels leave them)."""
+    if t.is_contiguous():
+        return True
+    if t.ndim == 4:
+        return t.is_contiguous(memory_format=torch.channels_last)
+    return t.ndim == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
+
+
 def writable(t: torch.Tensor, like: torch.Tensor) -> bool:
     """Whether ``t``, a fresh result of this pass, can take an in-place update by a tensor like ``like``: same
     shape and dtype, dense, outside autograd."""
-    return t.shape == like.shape and t.dtype == like.dtype and t.is_contiguous() and not t.requires_grad
+    return t.shape == like.shape and t.dtype == like.dtype and dense(t) and not t.requires_grad
 
 
 def times_input(c: torch.Tensor, a: torch.Tensor) -> torch.Tensor:

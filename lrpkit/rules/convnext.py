@@ -14,7 +14,8 @@ from .base import Rule, divide
 
 
 class PermuteRule(Rule):
-    """Inverse of :class:`~lrpkit.layers.Permute`: ``R_in = R.permute(inverse)``. Conserves exactly."""
+    """Inverse of :class:`~lrpkit.layers.Permute`: ``R_in = R.permute(inverse)``, a view, laid out in memory as the
+    layer's input is (:class:`~lrpkit.layers.Permute`). Conserves exactly."""
 
     targets = ()
     accepted = (Permute,)
@@ -26,7 +27,7 @@ class PermuteRule(Rule):
         return Record(x.detach(), step.layer(x.detach()))
 
     def lrp(self, step, rec, R, tape):
-        return R.permute(step.layer.inverse).contiguous()  # dense: the rules below read it element-wise
+        return R.permute(step.layer.inverse)
 
     def traits(self, layer) -> Traits:
         # a view of the input: nothing to keep or recompute beyond the input's shape

@@ -35,7 +35,9 @@ class PatchFlattenRule(_ClosedFormRule):
     accepted = (PatchFlatten,)
 
     def lrp(self, step, rec, R, tape):
-        return R.transpose(1, 2).reshape(rec.input.shape)
+        # dense, in the grid's order (R is a slice after the prefix tokens): the steps below and the accounting
+        # read it whole
+        return R.transpose(1, 2).reshape(rec.input.shape).contiguous()
 
 
 class ClassTokenRule(_ClosedFormRule):
