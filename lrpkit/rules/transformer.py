@@ -117,9 +117,10 @@ class LayerNormRule(_ClosedFormRule):
     def lrp(self, step, rec, R, tape):
         x, dim = rec.input, step.layer.dim  # dim: the normalised dimension (-1; 1 for timm's LayerNorm2d)
         sigma = step.layer.sigma(x)
-        y = (x - x.mean(dim, keepdim=True)) / sigma
-        s = divide(R, y, self.epsilon)
-        return x / sigma * (s - s.mean(dim, keepdim=True))
+        y = (x - x.mean(dim, keepdim=True)).div_(sigma)
+        s = divide(R, y, self.epsilon)  # a fresh tensor: centred in place, as is x / σ in y's buffer, read no more
+        s.sub_(s.mean(dim, keepdim=True))
+        return torch.div(x, sigma, out=y).mul_(s)
 
 
 def _linear_rows(linear: nn.Linear, rows: slice) -> nn.Linear:
