@@ -10,10 +10,11 @@ from __future__ import annotations
 from torch import nn
 
 from .composites import Composite, FirstLayerMap, GlobalTypeMap, LastLayerMap
-from .layers import LayerNormalize, PositionalEmbedding, Scale, SelfAttention, SkipConnection, Sum, TokenMean
+from .layers import (GlobalResponseNormalize, LayerNormalize, PositionalEmbedding, Scale, SelfAttention,
+                     SkipConnection, Sum, TokenMean)
 from .rules import (MAXPOOL_TYPES, AlphaBetaRule, EpsilonRule, FlatRule, GammaRule, GeneralizedGammaRule,
-                    LayerNormRule, MaxPoolRule, PositionalEmbeddingRule, SelfAttentionRule, SkipConnectionRule, SumRule,
-                    TokenMeanRule, ZBoxRule, ZPlusRule)
+                    GlobalResponseNormRule, LayerNormRule, MaxPoolRule, PositionalEmbeddingRule, SelfAttentionRule,
+                    SkipConnectionRule, SumRule, TokenMeanRule, ZBoxRule, ZPlusRule)
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 AVGPOOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
@@ -23,11 +24,13 @@ MAXPOOL = MAXPOOL_TYPES
 
 def _base(conv_rule, linear_rule, epsilon: float, attention_mode: str = "cp") -> dict:
     """The type map shared by all presets. Every stabiliser it assigns is the preset's ``epsilon`` (average,
-    adaptive and global pools, token means, LayerNorm, residual splits); max pooling passes the relevance to its
-    argmax unchanged (:class:`~lrpkit.rules.MaxPoolRule`, no stabiliser), as zennit does."""
+    adaptive and global pools, token means, LayerNorm, ConvNeXt V2's global response norm, residual splits); max
+    pooling passes the relevance to its argmax unchanged (:class:`~lrpkit.rules.MaxPoolRule`, no stabiliser), as
+    zennit does."""
     mapping = {AVGPOOL: EpsilonRule(epsilon), MAXPOOL: MaxPoolRule(), nn.Linear: linear_rule, CONV: conv_rule,
                SelfAttention: SelfAttentionRule(linear_rule, linear_rule, mode=attention_mode, epsilon=epsilon),
                LayerNormalize: LayerNormRule(epsilon), Scale: EpsilonRule(epsilon),
+               GlobalResponseNormalize: GlobalResponseNormRule(epsilon),
                PositionalEmbedding: PositionalEmbeddingRule(epsilon), TokenMean: TokenMeanRule(epsilon),
                SkipConnection: SkipConnectionRule(epsilon), Sum: SumRule(epsilon)}
     return mapping

@@ -366,6 +366,21 @@ def test_presets_run_on_depthwise_convolutions(preset, config):
         assert type(first.rule).__name__ == "ZBoxRule"
 
 
+@pytest.mark.parametrize("preset", ["EpsilonPlus", "EpsilonPlusFlat", "EpsilonAlpha2Beta1", "EpsilonAlpha2Beta1Flat",
+                                    "EpsilonGammaBox", "CPLRP", "AttnLRP"])
+def test_presets_give_the_norms_their_epsilon(preset):
+    """GRN, LayerNorm and the affine Scales of a ConvNeXt V2 get the preset's ε, not a registered default's."""
+    make = getattr(presets, preset)
+    composite = make(-3.0, 3.0, epsilon=0.01) if preset == "EpsilonGammaBox" else make(epsilon=0.01)
+    slots = composite.assign(lrpkit.canonize(small_convnext("v2-grn-linear")))
+    norms = {kind: [s.rule for s in slots if isinstance(s.layer, kind)]
+             for kind in (GlobalResponseNormalize, LayerNormalize, Scale)}
+    assert all(norms.values())
+    assert all(isinstance(r, GlobalResponseNormRule) and r.epsilon == 0.01 for r in norms[GlobalResponseNormalize])
+    assert all(isinstance(r, LayerNormRule) and r.epsilon == 0.01 for r in norms[LayerNormalize])
+    assert all(isinstance(r, EpsilonRule) and r.epsilon == 0.01 for r in norms[Scale])
+
+
 def test_batch_independence():
     model = small_convnext("v2-grn-linear")
     x = image(3)
