@@ -217,8 +217,20 @@ class LayerNormalize(nn.Module):
         self.dim = dim
 
     def sigma(self, x: torch.Tensor) -> torch.Tensor:
-        """``σ(x) = sqrt(Var(x) + eps)`` over ``dim`` (biased variance), keeping ``dim`` with size 1."""
-        return torch.sqrt(x.var(dim=self.dim, unbiased=False, keepdim=True) + self.eps)
+        """``σ(x) = sqrt(Var(x) + eps)`` over ``dim`` (biased variance), keeping ``dim`` with size 1.
+
+        The variance is accumulated in float64 by the two-pass formula ``mean((x - mean(x))²)``: as accurate as
+        torch's ``var`` (Welford's update in float64), and about ten times faster on CPU, where ``var`` does not
+        vectorise. Rounded to ``x``'s dtype the two give the same value except where their float64 values straddle
+        a rounding boundary, which takes a row whose mean is many times its spread (measured on float32 rows of
+        96 to 768 values: none in 10⁶ rows of unit scale, 7 in 10⁴ rows with mean/std = 10⁴). A float64 ``x`` has
+        no wider type to accumulate in and keeps torch's ``var``."""
+        if x.dtype == torch.float64:
+            return torch.sqrt(x.var(dim=self.dim, unbiased=False, keepdim=True) + self.eps)
+        d = x.to(torch.float64)
+        d.sub_(d.mean(dim=self.dim, keepdim=True))
+        var = d.square_().mean(dim=self.dim, keepdim=True).to(x.dtype)
+        return torch.sqrt(var + self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dim in (-1, x.ndim - 1):
