@@ -203,16 +203,16 @@ class Rule:
 
     def traits(self, layer: nn.Module) -> Traits:
         """What the execution plan may assume about this rule on ``layer`` (:class:`~lrpkit.traits.Traits`). The
-        generic rule: it reuses the recorded output unless it modifies the input or the parameters (that of an
-        element-wise :class:`~lrpkit.layers.Scale` is the next layer's input, which then keeps it too, and cheap to
-        recompute where it is not kept); its input may be recomputed; ``R_in = a ⊙ c`` vanishes with an unmodified
-        input; with the default denominator on a layer whose VJP needs only its weights it can take the gate. A
-        rule that overrides ``lrp`` or ``forward`` gets the safe defaults for what those decide."""
+        generic rule: it reuses the recorded output unless it modifies the input or the parameters (an
+        element-wise :class:`~lrpkit.layers.Scale` is cheaper to recompute than to keep); its input may be
+        recomputed; ``R_in = a ⊙ c`` vanishes with an unmodified input; with the default denominator on a layer
+        whose VJP needs only its weights it can take the gate. A rule that overrides ``lrp`` or ``forward`` gets
+        the safe defaults for what those decide."""
         generic_lrp, generic_forward = self._inherits("lrp", Rule), self._inherits("forward", Rule)
         modifies = self.modifies_input or self.modifies_params
         return Traits(
             graph=generic_forward and self._keeps_graph(layer),
-            output=not modifies,
+            output=not (modifies or isinstance(layer, Scale)),
             lazy_input=generic_lrp and generic_forward and not self._keeps_graph(layer),
             output_recomputable=isinstance(layer, Scale),
             vanishes_with_input=generic_lrp and not self.modifies_input,
