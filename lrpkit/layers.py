@@ -320,9 +320,13 @@ class GlobalResponseNormalize(nn.Module):
         g = x.norm(p=2, dim=spatial, keepdim=True)
         return g / (g.mean(dim=self.channel_dim, keepdim=True) + self.eps)
 
+    def forward_with_response(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y, N)``: the output and the normalised response it was computed with."""
+        shape, n = self._shape(), self.response(x)
+        return x + torch.addcmul(self.bias.view(shape), self.weight.view(shape), x * n), n
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = self._shape()
-        return x + torch.addcmul(self.bias.view(shape), self.weight.view(shape), x * self.response(x))
+        return self.forward_with_response(x)[0]
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, channel_dim={self.channel_dim}"
