@@ -82,5 +82,9 @@ def backward(steps: list[Step], R: torch.Tensor, tape) -> torch.Tensor:
 
 
 def per_sample(t: torch.Tensor) -> torch.Tensor:
-    """``Σ t`` per sample, (B,)."""
-    return t.detach().flatten(1).sum(1)
+    """``Σ t`` per sample, (B,). A channels-last feature map (a timm ConvNeXt's) is summed where it lies; other
+    tensors are summed in their logical order (a strided one after a copy), as they always were."""
+    t = t.detach()
+    if t.ndim == 4 and not t.is_contiguous() and t.is_contiguous(memory_format=torch.channels_last):
+        return t.sum((1, 2, 3))
+    return t.flatten(1).sum(1)

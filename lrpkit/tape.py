@@ -35,7 +35,8 @@ def owns_memory(out: torch.Tensor, inp: torch.Tensor) -> bool:
 
 
 class _Recompute:
-    """``layer(record.input)``, evaluated when the reverse loop first reads it."""
+    """``layer(record.input)``, evaluated when the reverse loop first reads it, and left in ``record.output`` too
+    (the output of the layer below, which that layer's rule, next in the loop, would otherwise recompute)."""
 
     __slots__ = ("layer", "record")
 
@@ -44,7 +45,10 @@ class _Recompute:
 
     def __call__(self) -> torch.Tensor:
         with torch.no_grad():
-            return self.layer(self.record.input)
+            out = self.layer(self.record.input)
+        if self.record.output is None:
+            self.record.output = out
+        return out
 
 
 class Tape:

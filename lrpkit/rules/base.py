@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from ..layers import Scale
-from ..propagate import Record, Step
+from ..propagate import Record, Step, per_sample
 from ..registry import default_rule
 from ..traits import Traits
 from .vjp import has_input_vjp, vjp
@@ -94,10 +94,20 @@ def divide(R: torch.Tensor, z: torch.Tensor, epsilon, gate: torch.Tensor | None 
     return torch.div(R, d, out=d)
 
 
+def dense(t: torch.Tensor) -> bool:
+    """Whether ``t`` fills its memory without gaps or overlaps, laid out contiguously or channels last (a timm
+    ConvNeXt's feature maps are channels last, as the layer norms over the channels leave them)."""
+    if t.is_contiguous():
+        return True
+    if t.ndim == 4:
+        return t.is_contiguous(memory_format=torch.channels_last)
+    return t.ndim == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
+
+
 def writable(t: torch.Tensor, like: torch.Tensor) -> bool:
     """Whether ``t``, a fresh result of this pass, can take an in-place update by a tensor like ``like``: same
     shape and dtype, dense, outside autograd."""
-    return t.shape == like.shape and t.dtype == like.dtype and t.is_contiguous() and not t.requires_grad
+    return t.shape == like.shape and t.dtype == like.dtype and dense(t) and not t.requires_grad
 
 
 def times_input(c: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -123,7 +133,7 @@ def bias_relevance(layer: nn.Module, s: torch.Tensor) -> torch.Tensor | None:
     if not isinstance(b, torch.Tensor) or not isinstance(layer, LINEAR_TYPES + (Scale,)):
         return None
     if isinstance(layer, Scale):
-        return (s * b.view(layer._shape(s))).flatten(1).sum(1)
+        return per_sample(s * b.view(layer._shape(s)))
     if isinstance(layer, nn.Linear):
         return (s.flatten(0, -2) @ b).view(s.shape[:-1]).flatten(1).sum(1) if s.ndim > 2 else s @ b
     return (s.flatten(2).sum(2) @ b)
@@ -189,7 +199,7 @@ class Rule:
         sink = bias_relevance(layer, s)
         if sink is not None:
             rec.absorbed["bias"] = sink
-        return times_input(vjp(layer, a, s, z), a)
+        return times_input(vjp(layer, a, s, z, overwrite=True), a)  # s is this call's own, read no more
 
     def traits(self, layer: nn.Module) -> Traits:
         """What the execution plan may assume about this rule on ``layer`` (:class:`~lrpkit.traits.Traits`). The
@@ -223,8 +233,12 @@ class Rule:
         return not self._inherits("modify_denominator", Rule)
 
     def _inherits(self, name: str, base: type) -> bool:
-        """Whether method ``name`` is ``base``'s own: not overridden by a subclass, nor set on the instance."""
-        return name not in vars(self) and getattr(type(self), name) is getattr(base, name)
+        """Whether method ``name`` is ``base``'s own: not overridden by a subclass, nor set on the instance.
+        (Asked on every step: the answer is kept until an attribute of the rule is set or deleted.)"""
+        known = self.__dict__.setdefault("_inherited", {})
+        if (name, base) not in known:
+            known[name, base] = name not in vars(self) and getattr(type(self), name) is getattr(base, name)
+        return known[name, base]
 
     def _keeps_graph(self, layer: nn.Module) -> bool:
         # only the generic rule on a layer that is not linear in its input (e.g. pooling), unmodified
@@ -235,7 +249,12 @@ class Rule:
         if name in FIXED_METHODS and callable(value):
             raise TypeError(f"{type(self).__name__}.{name} cannot be replaced on an instance (the analyzer plans "
                             f"around the class's method); define a subclass that overrides {name}")
+        self.__dict__.pop("_inherited", None)
         super().__setattr__(name, value)
+
+    def __delattr__(self, name) -> None:
+        self.__dict__.pop("_inherited", None)
+        super().__delattr__(name)
 
     def accepts(self, layer: nn.Module) -> bool:
         """Whether the rule can handle ``layer``: a type in ``accepted``, or a (custom) layer type whose registered

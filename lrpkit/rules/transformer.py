@@ -35,7 +35,9 @@ class PatchFlattenRule(_ClosedFormRule):
     accepted = (PatchFlatten,)
 
     def lrp(self, step, rec, R, tape):
-        return R.transpose(1, 2).reshape(rec.input.shape)
+        # dense, in the grid's order (R is a slice after the prefix tokens): the steps below and the accounting
+        # read it whole
+        return R.transpose(1, 2).reshape(rec.input.shape).contiguous()
 
 
 class ClassTokenRule(_ClosedFormRule):
@@ -118,8 +120,9 @@ class LayerNormRule(_ClosedFormRule):
         # y as the forward computed it (and R was derived from): in bfloat16, (x − μ)/σ evaluated step by step
         # rounds differently from layer_norm, and R / y would amplify the difference where y is small
         y = step.layer(x)
-        s = divide(R, y, self.epsilon)
-        return x / sigma * (s - s.mean(dim, keepdim=True))
+        s = divide(R, y, self.epsilon)  # a fresh tensor: centred in place, as is x / σ in y's buffer, read no more
+        s.sub_(s.mean(dim, keepdim=True))
+        return torch.div(x, sigma, out=y).mul_(s)
 
 
 def _linear_rows(linear: nn.Linear, rows: slice) -> nn.Linear:
