@@ -4,6 +4,7 @@
     uv run python benchmarks/bench_lrp.py --suite vit    # vit_base_patch16_224: CPLRP (ε), CPLRP (γ on Linear)
     uv run python benchmarks/bench_lrp.py --suite timm-siglip   # attention pooling ('map'): CPLRP, AttnLRP
     uv run python benchmarks/bench_lrp.py --suite timm-eva --threads 2   # eva02_small_patch14_224: CPLRP, AttnLRP
+    uv run python benchmarks/bench_lrp.py --suite timm-swin --threads 2   # swin_tiny_patch4_window7_224: CPLRP, AttnLRP
 
 Random weights (nothing is downloaded); batch 1 and 8 by default; ``--device cuda`` on a GPU machine.
 ``--against REV`` also times the package as it was at git revision REV (benchmarks/reference.py) in the same rounds,
@@ -42,6 +43,7 @@ SUITES = {
     "timm-beit": [("timm:beit_base_patch16_224", "CPLRP"), ("timm:beit_base_patch16_224", "AttnLRP")],
     "timm-siglip": [("timm:vit_base_patch16_siglip_224", "CPLRP"), ("timm:vit_base_patch16_siglip_224", "AttnLRP")],
     "timm-eva": [("timm:eva02_small_patch14_224", "CPLRP"), ("timm:eva02_small_patch14_224", "AttnLRP")],
+    "timm-swin": [("timm:swin_tiny_patch4_window7_224", "CPLRP"), ("timm:swin_tiny_patch4_window7_224", "AttnLRP")],
 }
 
 

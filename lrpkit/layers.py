@@ -544,3 +544,129 @@ class AttentionPool(nn.Module):
 
     def extra_repr(self) -> str:
         return f"latent_len={self.latent_len}, num_heads={self.num_heads}, start={self.start}"
+# --- Swin ---
+class WindowSelfAttention(SelfAttention):
+    """Shifted-window multi-head self-attention (Swin; Liu et al. 2021, "Swin Transformer: Hierarchical Vision
+    Transformer using Shifted Windows") on a channels-last feature map (B, H, W, C), as timm's
+    ``SwinTransformerBlock._attn`` computes it with its ``WindowAttention``:
+
+    1. cyclic shift ``x ↦ roll(x, (−s_h, −s_w))`` over (H, W) (``shift`` (0, 0): none);
+    2. zeros appended below and to the right up to a multiple of the window (timm's padding; none when the grid is a
+       multiple of ``window``);
+    3. partition into windows of ``window`` = (w_h, w_w) tokens, stacked along the batch sample by sample: window
+       (i, j) of sample b is group ``b·nW + i·(W_p/w_w) + j``, its tokens in row-major order;
+    4. in each window, :class:`SelfAttention` with the score bias ``B_rel + M``: ``B_rel`` (heads, n, n) the relative
+       position bias of the window (timm's table read through its index), ``M`` (nW, n, n) timm's shift mask (0
+       within a region of the shifted map, −100 across regions; none without a shift);
+    5. windows merged back, the padding cropped, the shift undone.
+
+    Steps 1-3 are :meth:`group`, 5 is :meth:`ungroup` (exact permutations, except the crop of the padding; each one
+    gather of the tokens by an index built once), 4 is the attention of :class:`SelfAttention` with
+    :meth:`score_bias`. ``grid`` (H, W) is the feature map the model was
+    built for (the shift mask depends on it); another grid is an error.
+    """
+
+    def __init__(self, qkv: nn.Linear, proj: nn.Linear, num_heads: int, scale: float, window: tuple[int, int],
+                 grid: tuple[int, int], shift: tuple[int, int] = (0, 0), relative_bias: torch.Tensor | None = None,
+                 mask: torch.Tensor | None = None):
+        super().__init__(qkv, proj, num_heads, scale, bias=relative_bias)
+        self.window, self.grid, self.shift = tuple(window), tuple(grid), tuple(shift)
+        hp, wp = self.padded_grid
+        windows = (hp // self.window[0]) * (wp // self.window[1])
+        if mask is not None and mask.shape[0] != windows:
+            raise ValueError(f"a shift mask of {mask.shape[0]} windows for a {hp}x{wp} map in {self.window} windows "
+                             f"({windows} windows)")
+        self.register_buffer("mask", None if mask is None else mask.detach().clone())
+        source, place = self._token_order()
+        self.register_buffer("source", source.to(self.qkv.weight.device))
+        self.register_buffer("place", place.to(self.qkv.weight.device))
+
+    @property
+    def padded_grid(self) -> tuple[int, int]:
+        """(H_p, W_p): the grid rounded up to a multiple of the window."""
+        return tuple(-(-g // w) * w for g, w in zip(self.grid, self.window))
+
+    @property
+    def num_windows(self) -> int:
+        """nW, the windows of one sample."""
+        hp, wp = self.padded_grid
+        return (hp // self.window[0]) * (wp // self.window[1])
+
+    def _token_order(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The permutation as indices: ``source`` (H_p·W_p,), the position ``h·W + w`` of the input token at each
+        place of the grouped layout (H·W for a padding token), and ``place`` (H·W,), its inverse on the input
+        tokens. Window (i, j), token (r, c) sits at the padded, shifted position (i·w_h + r, j·w_w + c); the
+        shifted map holds input token ((h + s_h) mod H, (w + s_w) mod W) at (h, w) (``roll`` by (−s_h, −s_w))."""
+        (h, w), (hp, wp), (wh, ww), (sh, sw) = self.grid, self.padded_grid, self.window, self.shift
+        rows = torch.arange(hp).view(hp // wh, 1, wh, 1).expand(-1, wp // ww, -1, ww).reshape(-1)
+        cols = torch.arange(wp).view(1, wp // ww, 1, ww).expand(hp // wh, -1, wh, -1).reshape(-1)
+        inside = (rows < h) & (cols < w)
+        source = torch.where(inside, (rows + sh) % h * w + (cols + sw) % w, h * w)
+        place = torch.empty(h * w, dtype=torch.long)
+        place[source[inside]] = torch.arange(hp * wp)[inside]
+        return source, place
+
+    def group(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, H, W, C) -> (B·nW, w_h·w_w, C): shift, pad, partition (steps 1-3), as one gather of the tokens."""
+        b, h, w, c = x.shape
+        if (h, w) != self.grid:
+            raise ValueError(f"the window attention gets a {h}x{w} feature map but the model was built for "
+                             f"{self.grid[0]}x{self.grid[1]} (its shift mask and windows depend on it); give the "
+                             f"input the model's img_size")
+        tokens = x.reshape(b, h * w, c)
+        if self.padded_grid != self.grid:
+            tokens = nn.functional.pad(tokens, (0, 0, 0, 1))  # token H·W: the zeros of the padding
+        return tokens.index_select(1, self.source).view(-1, self.window[0] * self.window[1], c)
+
+    def ungroup(self, t: torch.Tensor, batch: int) -> torch.Tensor:
+        """(B·nW, w_h·w_w, C) -> (B, H, W, C): merge the windows, crop the padding, undo the shift (step 5), as one
+        gather."""
+        c = t.shape[-1]
+        return t.reshape(batch, -1, c).index_select(1, self.place).view(batch, *self.grid, c)
+
+    def score_bias(self, q: torch.Tensor) -> torch.Tensor:
+        """``B_rel + M`` for the windows ``q`` (B·nW, heads, n, d): (1, heads, n, n) without a shift mask, else laid
+        out over the B·nW windows (B·nW, heads, n, n), window k of each sample with mask ``M[k]``."""
+        bias = self.attn_bias.unsqueeze(0)
+        if self.mask is None:
+            return bias
+        per_window = self.mask.unsqueeze(1) + bias  # (nW, heads, n, n)
+        return per_window.repeat(q.shape[0] // self.num_windows, 1, 1, 1)
+
+    def scores(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+        """``S = q kᵀ · scale + B_rel + M`` (B·nW, heads, n, n), the mask added per window by broadcasting (as timm
+        does) instead of being laid out over the batch first."""
+        s = (q * self.scale) @ k.transpose(-2, -1)
+        if self.mask is None:
+            return s + self.attn_bias
+        n = s.shape[-1]
+        s = s.view(-1, self.num_windows, self.num_heads, n, n) + (self.mask.unsqueeze(1) + self.attn_bias)
+        return s.view(-1, self.num_heads, n, n)
+
+    def extra_repr(self) -> str:
+        return f"heads={self.num_heads}, window={self.window}, shift={self.shift}, grid={self.grid}"
+
+
+class SpaceToDepth(nn.Module):
+    """The rearrangement of Swin's patch merging (timm's ``PatchMerging`` before its norm): (B, H, W, C) ->
+    (B, ⌈H/2⌉, ⌈W/2⌉, 4C). Each 2×2 block of positions becomes one position whose channels are the block's four
+    positions in timm's order of (row offset r, column offset s): (0, 0), (1, 0), (0, 1), (1, 1), i.e. channel
+    ``s·2C + r·C + k`` holds channel k of position (2i + r, 2j + s). An odd H or W first gets a row or column of zeros below or to the right, as in timm.
+
+    A permutation (with the zero padding): its rule is the inverse permutation of the relevance."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, h, w, c = x.shape
+        if h % 2 or w % 2:
+            x = nn.functional.pad(x, (0, 0, 0, w % 2, 0, h % 2))
+        h2, w2 = (h + 1) // 2, (w + 1) // 2
+        return x.reshape(b, h2, 2, w2, 2, c).permute(0, 1, 3, 4, 2, 5).reshape(b, h2, w2, 4 * c)
+
+    @staticmethod
+    def inverse(R: torch.Tensor, shape: Sequence[int]) -> torch.Tensor:
+        """The relevance (B, H/2, W/2, 4C) of the outputs moved back to the input positions, ``shape`` (B, H, W, C);
+        what the output took from the zero padding is dropped (zero under every rule that weighs by the input)."""
+        b, h, w, c = shape
+        h2, w2 = R.shape[1], R.shape[2]
+        R = R.reshape(b, h2, w2, 2, 2, c).permute(0, 1, 4, 2, 3, 5).reshape(b, 2 * h2, 2 * w2, c)
+        return R[:, :h, :w].contiguous() if (2 * h2, 2 * w2) != (h, w) else R

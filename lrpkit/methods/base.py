@@ -9,7 +9,7 @@ from torch import nn
 
 from .._inference import outside_inference_mode
 from ..canonize import canonize
-from ..layers import Chain
+from ..layers import Chain, SelfAttention
 from ..analyzer import check_tensor, dtype_device, warn_if_training
 from ..families import family_of
 
@@ -42,8 +42,7 @@ class Explainer:
         self.geometry = self.family.geometry(model, self.chain)
         self.patch_size = self.geometry.patch_size
         if self.needs_attention and not self.geometry.global_attention:
-            raise NotApplicableError(f"{self.name} needs a vision transformer (a model with self-attention layers); "
-                            f"got {type(model).__name__}")
+            raise NotApplicableError(_no_global_attention(self.name, model, self.chain))
         self.dtype, self.device = dtype_device(self.chain)
 
     def check_input(self, x) -> None:
@@ -64,3 +63,21 @@ class Explainer:
 
     def __call__(self, x: torch.Tensor, target=None):
         raise NotImplementedError
+
+
+def windowed_attention(chain: Chain) -> list[nn.Module]:
+    """The attention layers of ``chain`` that attend within groups of tokens (a :class:`SelfAttention` that
+    overrides :meth:`~lrpkit.layers.SelfAttention.group`, as Swin's windows do)."""
+    return [m for m in chain.modules()
+            if isinstance(m, SelfAttention) and type(m).group is not SelfAttention.group]
+
+
+def _no_global_attention(name: str, model: nn.Module, chain: Chain) -> str:
+    """Why an attention method does not apply: windowed attention, or no attention at all."""
+    windowed = windowed_attention(chain)
+    if windowed:
+        return (f"{name} needs global (token-to-token) attention, but {type(model).__name__} attends within windows "
+                f"({type(windowed[0]).__name__}): windowed attention has no token-to-token path across windows, so "
+                f"its attention maps do not combine into one map over the image. Use LRP (CPLRP, AttnLRP), a gradient "
+                f"method or ViT-CX on this model")
+    return f"{name} needs a vision transformer (a model with self-attention layers); got {type(model).__name__}"

@@ -5,7 +5,10 @@ For each sample x with target class c (argmax unless given) and ``p = softmax(mo
 
 1. ``p_c(x)``.
 2. The output of a feature layer (default: the input of the last block's attention, i.e. the output of its first
-   norm), prefix tokens (class, distillation, register) dropped, patch tokens reshaped to D maps (D, h, w).
+   norm), prefix tokens (class, distillation, register) dropped, patch tokens reshaped to D maps (D, h, w). A
+   model whose feature maps are channels last (the family's geometry says so: Swin) gives them as (B, h, w, D),
+   read as the same D maps; there (h, w) is the grid of the layer's stage (7×7 for the last stage of a Swin at
+   224 px), which step 3 upsamples like a patch grid.
 3. Each map upsampled bilinearly to the image size and min-max normalised to [0, 1]. A map that is constant on the
    patch grid (:func:`constant_maps`, decided before the upsampling) carries no spatial information and is left out.
 4. The D maps clustered by agglomerative clustering with complete linkage on the cosine distance
@@ -36,7 +39,7 @@ from ..analyzer import resolve_target
 from ..explanation import Explanation
 from ..layers import Chain, SelfAttention
 from ..walk import run, walk
-from .base import Explainer
+from .base import Explainer, NotApplicableError
 
 __all__ = ["ViTCX", "constant_maps", "normalize_maps", "cosine_distances", "cluster_masks", "causal_scores",
            "vitcx_saliency"]
@@ -155,10 +158,12 @@ def _run_capture(chain: Chain, x: torch.Tensor, target: nn.Module, when: str, bo
     return run(chain, x, seen=seen)
 
 
-def _features_to_grid(feats: torch.Tensor, num_prefix: int, grid: tuple[int, int]) -> torch.Tensor:
-    """Tokens (B, N, D) without the prefix tokens -> (B, D, gh, gw); a (B, D, gh, gw) grid is taken as it is."""
+def _features_to_grid(feats: torch.Tensor, num_prefix: int, grid: tuple[int, int],
+                      channels_last: bool = False) -> torch.Tensor:
+    """Tokens (B, N, D) without the prefix tokens -> (B, D, gh, gw); a (B, D, gh, gw) grid is taken as it is, a
+    channels-last one (B, gh, gw, D) (``channels_last``: Swin's feature maps) moved to (B, D, gh, gw)."""
     if feats.ndim == 4:
-        return feats
+        return feats.permute(0, 3, 1, 2) if channels_last else feats
     if feats.ndim != 3:
         raise ValueError(f"the ViT-CX feature layer gives shape {tuple(feats.shape)}; it needs tokens (B, N, D) or "
                          f"a grid (B, D, h, w): choose a layer before the pooling")
@@ -183,6 +188,8 @@ class ViTCX(Explainer):
       the canonized layer(s) it became — for a name that canonization turned into a residual branch
       (``"blocks.5.attn"``'s SkipConnection when no layer carries exactly that name) or a whole block
       (``"blocks.5"``) the residual stream after it. An int: the output of that top-level layer of the chain.
+      On Swin (windowed attention; ``layers.3.blocks.1.norm1`` is the default there) any layer after the patch
+      projection's ``Permute`` and before the pooling gives channels-last maps (B, h, w, D).
     - ``distance_threshold``: the clustering cut (cosine distance, default 0.1).
     - ``noise_std``: σ of the noise in the model's input space (default 0.1, for normalised inputs).
     - ``batch_size``: images per masked forward pass (x̃ and x̂ of batch_size // 2 masks).
@@ -197,7 +204,6 @@ class ViTCX(Explainer):
     """
 
     name = "ViT-CX"
-    needs_attention = True
 
     def __init__(self, model, layer=None, distance_threshold: float = 0.1, noise_std: float = 0.1,
                  batch_size: int = 50, seed: int | None = None, progress: bool = True, keep_masks: bool = False):
@@ -210,6 +216,9 @@ class ViTCX(Explainer):
         if seed is not None and not isinstance(seed, int):
             raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
         super().__init__(model)
+        if not any(isinstance(m, SelfAttention) for m in self.chain.modules()):
+            raise NotApplicableError(f"{self.name} needs a vision transformer (a model with self-attention layers); "
+                                     f"got {type(model).__name__}")
         self.distance_threshold, self.noise_std = float(distance_threshold), float(noise_std)
         self.batch_size, self.seed, self.progress, self.keep_masks = batch_size, seed, progress, keep_masks
         self.feature_layer, self.capture_when = self._resolve_layer(model, layer)
@@ -247,7 +256,7 @@ class ViTCX(Explainer):
         """(logits (B, K), feature grid (B, D, gh, gw)) from one forward pass."""
         box: list = []
         out = _run_capture(self.chain, x, self.feature_layer, self.capture_when, box)
-        return out, _features_to_grid(box[0], self.num_prefix(), self.grid(x))
+        return out, _features_to_grid(box[0], self.num_prefix(), self.grid(x), self.geometry.channels_last)
 
     # -- the explanation -----------------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, target=None) -> Explanation:

@@ -14,6 +14,7 @@ from .basic import (AlphaBetaRule, EpsilonRule, FlatRule, GammaRule, Generalized
 from .convnext import GlobalResponseNormRule, PermuteRule
 from .pooling import AttentionPoolRule
 from .structural import ProductRule, SkipConnectionRule, SumRule
+from .swin import SpaceToDepthRule
 from .terms import Group, Term, TermRule
 from .transformer import (ClassTokenRule, LayerNormRule, PatchFlattenRule, PositionalEmbeddingRule,
                           SelectClassTokenRule, SelfAttentionRule, TokenMeanRule)
@@ -36,6 +37,7 @@ register_rule(L.SelfAttention, SelfAttentionRule())
 register_rule(L.Permute, PermuteRule())
 register_rule(L.GlobalResponseNormalize, GlobalResponseNormRule())
 register_rule(L.AttentionPool, AttentionPoolRule())
+register_rule(L.SpaceToDepth, SpaceToDepthRule())
 
 __all__ = [
     "Rule", "IncompatibleRuleError", "stabilize", "Term", "Group", "TermRule",
@@ -45,4 +47,5 @@ __all__ = [
     "SelectClassTokenRule", "TokenMeanRule",
     "PermuteRule", "GlobalResponseNormRule",
     "AttentionPoolRule",
+    "SpaceToDepthRule",
 ]

@@ -132,8 +132,12 @@ def bias_relevance(layer: nn.Module, s: torch.Tensor) -> torch.Tensor | None:
     b = getattr(layer, "bias", None)
     if not isinstance(b, torch.Tensor) or not isinstance(layer, LINEAR_TYPES + (Scale,)):
         return None
-    if isinstance(layer, Scale):
-        return per_sample(s * b.view(layer._shape(s)))
+    if isinstance(layer, Scale):  # Σ_c b_c Σ_{positions} s_c: the sums first, no product of s's size
+        channel = layer.dim % s.ndim
+        if channel == 0:
+            return per_sample(s * b.view(layer._shape(s)))
+        positions = [d for d in range(1, s.ndim) if d != channel]
+        return (s.sum(positions) if positions else s) @ b  # (B, C) @ (C,): sum([]) would sum everything
     if isinstance(layer, nn.Linear):
         return (s.flatten(0, -2) @ b).view(s.shape[:-1]).flatten(1).sum(1) if s.ndim > 2 else s @ b
     return (s.flatten(2).sum(2) @ b)

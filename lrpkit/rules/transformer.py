@@ -15,7 +15,7 @@ from ..layers import (ClassToken, LayerNormalize, PatchFlatten, PositionalEmbedd
                       SelfAttention, TokenMean)
 from ..propagate import Record, Step, per_sample
 from ..traits import Traits
-from .base import IncompatibleRuleError, Rule, divide, stabilize
+from .base import IncompatibleRuleError, Rule, divide, stabilize, writable
 from .basic import EpsilonRule
 
 
@@ -120,9 +120,9 @@ class LayerNormRule(_ClosedFormRule):
         # y as the forward computed it (and R was derived from): in bfloat16, (x − μ)/σ evaluated step by step
         # rounds differently from layer_norm, and R / y would amplify the difference where y is small
         y = step.layer(x)
-        s = divide(R, y, self.epsilon)  # a fresh tensor: centred in place, as is x / σ in y's buffer, read no more
-        s.sub_(s.mean(dim, keepdim=True))
-        return torch.div(x, sigma, out=y).mul_(s)
+        s = divide(R, y, self.epsilon)  # a fresh tensor unless shapes differ: centred in place
+        s = s.sub_(s.mean(dim, keepdim=True)) if writable(s, R) else s - s.mean(dim, keepdim=True)
+        return torch.div(x, sigma, out=y).mul_(s)  # x / σ in y's buffer (a fresh output, read no more)
 
 
 def _linear_rows(linear: nn.Linear, rows: slice) -> nn.Linear:
@@ -249,17 +249,27 @@ class SelfAttentionRule(Rule):
         return R_in
 
     def _attnlrp(self, layer: SelfAttention, e: dict, R_y: torch.Tensor, rec: Record, batch: int) -> torch.Tensor:
+        # The uniform rule of both products in closed form (bilinear_lrp's values, without a second product and an
+        # autograd graph): for O = X Y with s = R_O / (2·stab(O)), R_X = X ⊙ (s Yᵀ) and R_Y = Y ⊙ (Xᵀ s).
         eps = self.epsilon
-        S, qr, kr = e["scores"], layer.rope(e["qn"]), layer.rope(e["kn"])
+        S, qr, kr, v = e["scores"], layer.rope(e["qn"]), layer.rope(e["kn"]), e["v"]
         A, y = S.softmax(-1), layer.split_heads(e["out"].input)  # as the forward computed them
-        R_attn, R_v = bilinear_lrp(A, e["v"], y, R_y, eps, torch.matmul)
-        # softmax Taylor rule (Achtibat et al. 2024, Prop. 3.1): R_S = S ⊙ (R_A − A ⊙ Σ_j R_A)
-        R_S = S * (R_attn - A * R_attn.sum(-1, keepdim=True))
-        # S = q kᵀ·scale + B: the product's factors get half of its share each, the bias B its own share
-        R_qr, R_kr = bilinear_lrp(qr, kr, S, R_S, eps, lambda q, k: (q * layer.scale) @ k.transpose(-2, -1))
+        s = divide(R_y, y, eps).mul_(0.5)  # y = A v
+        R_v = v * (A.transpose(-2, -1) @ s)
+        g = s @ v.transpose(-2, -1)  # R_A = A ⊙ g
+        # softmax Taylor rule (Achtibat et al. 2024, Prop. 3.1): R_S = S ⊙ (R_A − A ⊙ Σ_j R_A) = S ⊙ A ⊙ (g − Σ_j A g)
+        R_S = g.sub_((A.unsqueeze(-2) @ g.unsqueeze(-1)).squeeze(-1)).mul_(A).mul_(S)
+        del A, g
+        # S = q kᵀ·scale + B, t = R_S / stab(S): the bias B takes B ⊙ t, the product the rest, half to each factor
+        t = divide(R_S, S, eps)
+        del R_S
         bias = layer.score_bias(qr)
         if bias is not None:
-            rec.absorbed["attention_bias"] = _regroup(per_sample(bias * divide(R_S, S, eps)), batch)
+            rec.absorbed["attention_bias"] = _regroup(_sum_product(bias, t), batch)
+        half = 0.5 * layer.scale
+        R_qr = qr * (t @ kr).mul_(half)
+        R_kr = kr * (t.transpose(-2, -1) @ qr).mul_(half)
+        del t
         R_qn = _rope_lrp(layer.rope, e["qn"], qr, R_qr, eps)
         R_kn = _rope_lrp(layer.rope, e["kn"], kr, R_kr, eps)
         R_q = _norm_lrp(layer.q_norm, e["q"], e["qn"], R_qn, eps)
@@ -269,6 +279,16 @@ class SelfAttentionRule(Rule):
     def traits(self, layer) -> Traits:
         # AttnLRP's softmax rule is not conservative: what it loses is reported as ``attention``
         return Traits(remainder="attention" if self.mode == "attnlrp" else "stabilizer")
+
+
+def _sum_product(bias: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """``Σ B ⊙ t`` per group, (G,), for ``t`` (G, H, n, n) and a bias broadcastable to it, as dot products (the
+    product ``B ⊙ t`` is not materialised)."""
+    b = torch.broadcast_to(bias.to(t.dtype), t.shape)
+    flat = t.reshape(t.shape[0], -1)
+    if b.stride(0) == 0:  # one bias for every group
+        return flat @ b[0].reshape(-1)
+    return (flat.unsqueeze(1) @ b.reshape(t.shape[0], -1, 1)).reshape(-1)
 
 
 def _regroup(per_group: torch.Tensor, batch: int) -> torch.Tensor:
