@@ -221,8 +221,9 @@ class SelfAttentionRule(Rule):
                 scores = layer.scores(qr, kr)
                 attn = scores.softmax(-1)
                 y = attn @ v
-            extras = {"value": v_rec, "attn": attn, "q": q, "k": k, "qn": qn, "kn": kn, "qr": qr, "kr": kr, "v": v,
-                      "scores": scores, "y": y}
+            # the scores S and y are not kept: lrp recomputes S from qr, kr and reads y from the out projection's
+            # input, both bitwise what this pass computed (a (B, heads, N, N) tensor less per block)
+            extras = {"value": v_rec, "attn": attn, "q": q, "k": k, "qn": qn, "kn": kn, "qr": qr, "kr": kr, "v": v}
         o_rec = self.out_rule.forward(sub["out"], layer.merge_heads(y), tape)
         extras["out"] = o_rec
         return Record(x, layer.ungroup(o_rec.output.detach(), x.shape[0]), extras=extras)
@@ -246,8 +247,9 @@ class SelfAttentionRule(Rule):
 
     def _attnlrp(self, layer: SelfAttention, e: dict, R_y: torch.Tensor, rec: Record, batch: int) -> torch.Tensor:
         eps = self.epsilon
-        R_attn, R_v = bilinear_lrp(e["attn"], e["v"], e["y"], R_y, eps, torch.matmul)
-        A, S = e["attn"], e["scores"]
+        y = layer.split_heads(e["out"].input)  # A v, as the forward computed it
+        R_attn, R_v = bilinear_lrp(e["attn"], e["v"], y, R_y, eps, torch.matmul)
+        A, S = e["attn"], layer.scores(e["qr"], e["kr"])  # S recomputed, bitwise the forward's
         # softmax Taylor rule (Achtibat et al. 2024, Prop. 3.1): R_S = S ⊙ (R_A − A ⊙ Σ_j R_A)
         R_S = S * (R_attn - A * R_attn.sum(-1, keepdim=True))
         # S = q kᵀ·scale + B: the product's factors get half of its share each, the bias B its own share
