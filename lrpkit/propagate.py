@@ -69,9 +69,21 @@ def forward(steps: list[Step], x: torch.Tensor, tape) -> torch.Tensor:
     return x
 
 
+class ReachedStop(Exception):
+    """Raised by :func:`backward` where it reaches the tape's ``stop_at`` layer, with the relevance at that layer's
+    output: it leaves the rules of the containers around the layer where they hand their branch on (nothing of
+    theirs below it runs), and :meth:`lrpkit.tape.Tape.backward` returns ``relevance``."""
+
+    def __init__(self, relevance: torch.Tensor):
+        super().__init__("the reverse loop reached the tape's stop_at layer")
+        self.relevance = relevance
+
+
 def backward(steps: list[Step], R: torch.Tensor, tape) -> torch.Tensor:
     """``R[k] = rule_k.lrp(layer_k, a[k], R[k+1])`` for k = L..1."""
     for step in reversed(steps):
+        if tape.stops_at(step):
+            raise ReachedStop(R)
         record = tape.recall(step)
         R_in = step.rule.lrp(step, record, R, tape)
         tape.passed(step, record, R, R_in)
@@ -79,6 +91,44 @@ def backward(steps: list[Step], R: torch.Tensor, tape) -> torch.Tensor:
             return R
         R = R_in
     return R
+
+
+def backward_from(steps: list[Step], index: int, R: torch.Tensor, tape) -> torch.Tensor:
+    """The reverse loop from ``R`` at the output of the layer with index ``index``, at any depth of ``steps``, down
+    to the input of ``steps``: that layer and the layers below it in its chain, then, for each container around
+    it (innermost first), the layers below the container in the container's chain.
+
+    Every branch of a container reads the container's input, so the relevance at the input of the branch that
+    holds the layer is the relevance at the container's input; the container's other branches and its identity
+    path get none. The result is the relevance that flows through the layer, and only that: what CRP calls the
+    conditional relevance with parallel paths excluded (Achtibat et al. 2023; zennit-crp's
+    ``exclude_parallel=True``). With the layer at the top level, it is the plain reverse loop below it.
+    """
+    levels = enclosing(steps, index)
+    chain, k = levels[-1]
+    R = backward(chain[: k + 1], R, tape)  # the layer itself and those below it in its chain
+    for chain, k in reversed(levels[:-1]):
+        R = backward(chain[:k], R, tape)  # below the container that holds the chain just left
+    return R
+
+
+def enclosing(steps: list[Step], index: int) -> list[tuple[list[Step], int]]:
+    """Where the layer with index ``index`` sits: ``[(chain, position), ...]`` from ``steps`` down to the layer's own
+    chain; each position but the last is that of a container holding the next chain. ValueError if absent."""
+    def find(chain: list[Step]) -> list | None:
+        for k, step in enumerate(chain):
+            if step.index == index:
+                return [(chain, k)]
+            for branch in step.children:
+                below = find(branch)
+                if below is not None:
+                    return [(chain, k)] + below
+        return None
+
+    levels = find(steps)
+    if levels is None:
+        raise ValueError(f"no layer with index {index} in these steps")
+    return levels
 
 
 def per_sample(t: torch.Tensor) -> torch.Tensor:
