@@ -85,7 +85,11 @@ def backward(steps: list[Step], R: torch.Tensor, tape) -> torch.Tensor:
         if tape.stops_at(step):
             raise ReachedStop(R)
         record = tape.recall(step)
-        R_in = step.rule.lrp(step, record, R, tape)
+        try:
+            R_in = step.rule.lrp(step, record, R, tape)
+        except ReachedStop:  # the stop is inside this container: its record stays for backward_from to leave
+            tape.put_back(step, record)
+            raise
         tape.passed(step, record, R, R_in)
         if tape.stopped:
             return R
@@ -102,13 +106,16 @@ def backward_from(steps: list[Step], index: int, R: torch.Tensor, tape) -> torch
     holds the layer is the relevance at the container's input; the container's other branches and its identity
     path get none. The result is the relevance that flows through the layer, and only that: what CRP calls the
     conditional relevance with parallel paths excluded (Achtibat et al. 2023; zennit-crp's
-    ``exclude_parallel=True``). With the layer at the top level, it is the plain reverse loop below it.
+    ``exclude_parallel=True``). With the layer at the top level, it is the plain reverse loop below it. The layers
+    that do not run (above the layer, the containers around it) still hand down what the plan says they hand down
+    (:meth:`lrpkit.tape.Tape.skip`), whether or not a reverse loop from the output passed them before.
     """
     levels = enclosing(steps, index)
-    chain, k = levels[-1]
-    R = backward(chain[: k + 1], R, tape)  # the layer itself and those below it in its chain
-    for chain, k in reversed(levels[:-1]):
-        R = backward(chain[:k], R, tape)  # below the container that holds the chain just left
+    for depth, (chain, k) in reversed(list(enumerate(levels))):  # the layer's own chain first
+        start = k + 1 if depth == len(levels) - 1 else k  # the layer itself runs, a container around it does not
+        for step in reversed(chain[start:]):
+            tape.skip(step)  # what the plan hands down from the layers that do not run
+        R = backward(chain[:start], R, tape)
     return R
 
 

@@ -146,6 +146,24 @@ class Tape:
         rec.gate = self._gates.pop(step.index, None)
         return rec
 
+    def put_back(self, step: Step, rec: Record) -> None:
+        """Return the record of a container whose rule the stop (``stop_at``) left, gate and all."""
+        self.records[step.index] = rec
+        if rec.gate is not None:
+            self._gates[step.index] = rec.gate
+
+    def skip(self, step: Step) -> None:
+        """A step that :meth:`backward_from` does not run (above the layer it starts at, or a container around it):
+        hand its gate over as :meth:`passed` would and let its records go; nothing for a step already passed."""
+        rec = self.records.pop(step.index, None)
+        self._gates.pop(step.index, None)
+        for branch in step.children:
+            for inner in branch:
+                self.skip(inner)
+        p = self.plan[step.index]
+        if rec is not None and p.gate_to is not None:
+            self._gates[p.gate_to] = rec.input
+
     def passed(self, step: Step, rec: Record, R_out: torch.Tensor, R_in: torch.Tensor | None) -> None:
         """After ``step``'s rule: observers, kept relevances, the gate hand-over, freeing, the stop."""
         p = self.plan[step.index]

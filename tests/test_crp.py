@@ -112,6 +112,26 @@ def test_inside_a_residual_block_the_concepts_sum_to_what_flows_through_it():
     torch.testing.assert_close(residual.relevance.sum(1), lrp(x).relevance, rtol=1e-9, atol=1e-15)
 
 
+def test_inside_a_resnet_block_below_which_the_plan_hands_a_gate_over():
+    # torchvision ResNet-18 with LRP-ε: layer2.0 (a Sum) takes its denominator from the input of layer2.1 (the
+    # residual connection around the layer), handed over when layer2.1 is passed, which CRP's pass below the
+    # layer never does: the hand-over must happen all the same
+    import torchvision
+
+    torch.manual_seed(0)
+    model = torchvision.models.resnet18(num_classes=4).double().eval()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    lrp = lrpkit.LRP(model, lrpkit.Composite(lrpkit.GlobalMap(rules.EpsilonRule())))
+    index = {s.name: s.index for s in lrp.all_steps if not s.children}
+    sums = [s for s in lrp.all_steps if s.name == "layer2.0"]
+    assert lrp.plan[sums[0].index].takes_gate
+    around = lrpkit.LRP(model, lrpkit.Composite(*lrp.composite.primitives,
+                                                lrpkit.NameMap({"layer2.1": AroundTheBranch()})))
+    expl = lrpkit.CRP(lrp, "layer2.1.conv1", IndexedConcepts(*range(128)), batch_size=256)(x)
+    assert index["layer2.1.conv1"] == lrpkit.CRP(lrp, "layer2.1.conv1", TopConcepts(1)).step.index
+    torch.testing.assert_close(expl.relevance.sum(1) + around(x).relevance, lrp(x).relevance, rtol=1e-9, atol=1e-15)
+
+
 # ---- feature maps and tokens: the channel axis ----------------------------------------------------------------
 
 def relevance_at_output(lrp, index, x):
@@ -173,10 +193,15 @@ def test_batch_and_concept_independence():
 
 
 @pytest.mark.parametrize("batch_size", [1, 2, 5, 100])
-def test_chunks_give_the_same_result(batch_size):
-    lrp = lrpkit.LRP(small_cnn(), lrpkit.presets.EpsilonPlusFlat())
-    whole = lrpkit.CRP(lrp, "2", TopConcepts(4), batch_size=100)(X_CNN, target=[3, 0, 1])
-    chunked = lrpkit.CRP(lrp, "2", TopConcepts(4), batch_size=batch_size)(X_CNN, target=[3, 0, 1])
+@pytest.mark.parametrize("layer", ["0", "2", "5"])
+def test_chunks_give_the_same_result(batch_size, layer):
+    # with LRP-ε, each conv (followed by a ReLU and a layer whose relevance vanishes with its input) takes its
+    # denominator from the layer two above it (lrpkit.plan: the gate), which does not run in CRP's pass below the
+    # layer; a chunk of concepts after the first records the forward pass again
+    lrp = lrpkit.LRP(small_cnn(), lrpkit.Composite(lrpkit.GlobalMap(rules.EpsilonRule())))
+    assert all(lrp.plan[i].takes_gate for i in (0, 2, 5))
+    whole = lrpkit.CRP(lrp, layer, TopConcepts(4), batch_size=100)(X_CNN, target=[3, 0, 1])
+    chunked = lrpkit.CRP(lrp, layer, TopConcepts(4), batch_size=batch_size)(X_CNN, target=[3, 0, 1])
     assert torch.equal(whole.concepts, chunked.concepts) and torch.equal(whole.target, chunked.target)
     torch.testing.assert_close(chunked.relevance, whole.relevance, rtol=1e-12, atol=1e-16)
 
