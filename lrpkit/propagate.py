@@ -97,10 +97,12 @@ def backward(steps: list[Step], R: torch.Tensor, tape) -> torch.Tensor:
     return R
 
 
-def backward_from(steps: list[Step], index: int, R: torch.Tensor, tape) -> torch.Tensor:
+def backward_from(steps: list[Step], index: int, R: torch.Tensor, tape, site: str | None = None) -> torch.Tensor:
     """The reverse loop from ``R`` at the output of the layer with index ``index``, at any depth of ``steps``, down
     to the input of ``steps``: that layer and the layers below it in its chain, then, for each container around
-    it (innermost first), the layers below the container in the container's chain.
+    it (innermost first), the layers below the container in the container's chain. With ``site``, ``R`` is the
+    relevance at that inner site of the layer's rule (``Rule.sites``), and the rule goes on from there
+    (``Rule.lrp_from``).
 
     Every branch of a container reads the container's input, so the relevance at the input of the branch that
     holds the layer is the relevance at the container's input; the container's other branches and its identity
@@ -110,13 +112,25 @@ def backward_from(steps: list[Step], index: int, R: torch.Tensor, tape) -> torch
     that do not run (above the layer, the containers around it) still hand down what the plan says they hand down
     (:meth:`lrpkit.tape.Tape.skip`), whether or not a reverse loop from the output passed them before.
     """
-    levels = enclosing(steps, index)
-    for depth, (chain, k) in reversed(list(enumerate(levels))):  # the layer's own chain first
-        start = k + 1 if depth == len(levels) - 1 else k  # the layer itself runs, a container around it does not
-        for step in reversed(chain[start:]):
-            tape.skip(step)  # what the plan hands down from the layers that do not run
-        R = backward(chain[:start], R, tape)
+    *around, (chain, k) = enclosing(steps, index)
+    for step in reversed(chain[k + 1:]):
+        tape.skip(step)  # what the plan hands down from the layers that do not run
+    if site is not None:
+        R = resume(chain[k], site, R, tape)
+    R = backward(chain[:k] if site is not None else chain[: k + 1], R, tape)
+    for chain, k in reversed(around):  # each container around the layer, innermost first: it does not run
+        for step in reversed(chain[k:]):
+            tape.skip(step)
+        R = backward(chain[:k], R, tape)
     return R
+
+
+def resume(step: Step, site: str, R: torch.Tensor, tape) -> torch.Tensor:
+    """``step``'s rule from its inner site ``site`` (with ``R`` there) down to its input."""
+    record = tape.recall(step)
+    R_in = step.rule.lrp_from(site, step, record, R, tape)
+    tape.passed(step, record, R, R_in)
+    return R_in
 
 
 def enclosing(steps: list[Step], index: int) -> list[tuple[list[Step], int]]:

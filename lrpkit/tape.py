@@ -10,7 +10,8 @@ The propagation options are explicit arguments of :class:`Tape`:
   input relevance uncomputed (:meth:`Tape.needed` is False), and :func:`~lrpkit.propagate.backward` returns the
   relevance at the output of the layer where it stopped;
 - ``stop_at=k``: the reverse loop ends at the output of the layer with index ``k``, at any depth, before that
-  layer's rule: :meth:`Tape.backward` returns the relevance there and sets ``reached_stop``. Nothing at or below the layer runs (the rules of
+  layer's rule (or, ``stop_at=(k, site)``, inside the rule at an inner site of it: ``Rule.sites``):
+  :meth:`Tape.backward` returns the relevance there and sets ``reached_stop``. Nothing at or below the layer runs (the rules of
   the containers around it are left where they hand their branch on), and the records of the layer and of those
   below it stay on the tape, so that :meth:`Tape.backward_from` can go on from there (CRP: once per concept);
 - ``relevance_at``: layer indices whose input relevance is kept (``tape.relevances[k]``), at any depth;
@@ -55,7 +56,7 @@ class Tape:
     """One analysis call under ``plan``; see the module docstring for the options."""
 
     def __init__(self, plan: Plan, *, graph_from: int | None = None, stop_after: int | None = None,
-                 stop_at: int | None = None, relevance_at=(), observers=()):
+                 stop_at: int | tuple[int, str] | None = None, relevance_at=(), observers=()):
         self.plan = plan
         self.graph_from, self.stop_after, self.stop_at = graph_from, stop_after, stop_at
         self.relevance_at = frozenset(relevance_at)
@@ -93,13 +94,14 @@ class Tape:
             observer.loop_ended(R)
         return R
 
-    def backward_from(self, steps: list[Step], index: int, R: torch.Tensor) -> torch.Tensor:
-        """The reverse loop from ``R`` at the output of the layer with index ``index`` (at any depth of ``steps``)
-        down to their input, through that layer only (:func:`lrpkit.propagate.backward_from`); the records of the
-        layer and of those below it must be on the tape (a forward pass, or a loop that stopped there)."""
+    def backward_from(self, steps: list[Step], index: int, R: torch.Tensor, site: str | None = None) -> torch.Tensor:
+        """The reverse loop from ``R`` at the output of the layer with index ``index`` (at any depth of ``steps``;
+        with ``site``, at that inner site of its rule) down to their input, through that layer only
+        (:func:`lrpkit.propagate.backward_from`); the records of the layer and of those below it must be on the tape
+        (a forward pass, or a loop that stopped there)."""
         for observer in self.observers:
             observer.loop_started(R)
-        R = propagate.backward_from(steps, index, R, self)
+        R = propagate.backward_from(steps, index, R, self, site)
         for observer in self.observers:
             observer.loop_ended(R)
         return R
@@ -109,10 +111,11 @@ class Tape:
         """Whether anything reads the relevance at ``step``'s input (False where the loop stops after it)."""
         return step.index != self.stop_after
 
-    def stops_at(self, step: Step) -> bool:
-        """Whether the reverse loop ends at ``step``'s output (``stop_at``; once: a later loop, as
-        :meth:`backward_from` from there, goes through)."""
-        return step.index == self.stop_at and not self.reached_stop
+    def stops_at(self, step: Step, site: str | None = None) -> bool:
+        """Whether the reverse loop ends at ``step``'s output, or at the inner site ``site`` of its rule
+        (``stop_at``; once: a later loop, as :meth:`backward_from` from there, goes through)."""
+        where = step.index if site is None else (step.index, site)
+        return where == self.stop_at and not self.reached_stop
 
     def hand_out(self, step: Step, key: str, value: torch.Tensor) -> None:
         """Give the caller an intermediate result of ``step`` (collected in ``self.handed[key]``)."""

@@ -177,6 +177,35 @@ def test_module_paths_name_the_module_output():
     assert crp.step.index == 7 and crp.layer == "blocks.0.attn"
 
 
+@pytest.mark.parametrize("preset", ["CPLRP", "AttnLRP"])
+def test_attention_heads_value_outputs(preset):
+    # "blocks.1.attn.values": y = A v per head, merged (B, N, H·d), the output projection's input. Its relevance
+    # under LRP-ε on the projection, from the relevance R at the attention's output: R_y = y ⊙ Wᵀ (R / stab(y W + b))
+    model = tiny_vit().double()
+    x = torch.randn(2, 3, 32, 32, dtype=torch.float64)
+    lrp = lrpkit.LRP(model, getattr(lrpkit.presets, preset)())
+    crp = lrpkit.CRP(lrp, "blocks.1.attn.values", IndexedConcepts(*range(32)))
+    assert type(crp.step.layer).__name__ == "SelfAttention" and crp.site == "values" and crp.channel_axis == -1
+    expl = crp(x)
+    tape = Tape(lrp.plan, stop_at=crp.step.index)
+    with torch.enable_grad():
+        out = tape.forward(lrp.steps, x)
+    R = tape.backward(lrp.steps, torch.zeros_like(out).scatter_(1, out.argmax(1, keepdim=True), 1.0))
+    attn = crp.step.layer
+    with torch.no_grad():
+        block_input = model.blocks[0](model._pos_embed(model.patch_embed(x)))
+        q, k, v = attn.qkv_heads(model.blocks[1].norm1(block_input))
+        y = attn.merge_heads(attn.attention(q, k) @ v)
+        z = attn.proj(y)
+    R_y = y * ((R / (z + 1e-6 * torch.where(z >= 0, 1.0, -1.0))) @ attn.proj.weight)
+    torch.testing.assert_close(expl.channel_relevance, R_y.sum(1), rtol=1e-8, atol=1e-15)
+    # all the heads' channels together carry what the attention output's channels carry
+    output = lrpkit.CRP(lrp, "blocks.1.attn", IndexedConcepts(*range(32)))(x)
+    torch.testing.assert_close(expl.relevance.sum(1), output.relevance.sum(1), rtol=1e-9, atol=1e-15)
+    with pytest.raises(ValueError, match="blocks.1.attn.values"):
+        lrpkit.CRP(lrp, "blocks.1.attn.keys", TopConcepts(1))
+
+
 # ---- independence, chunking, options --------------------------------------------------------------------------
 
 def test_batch_and_concept_independence():

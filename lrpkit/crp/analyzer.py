@@ -60,9 +60,9 @@ class CRP:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         self.lrp, self.concepts, self.batch_size = lrp, concepts, batch_size
-        self.step = locate(lrp.steps, lrp.all_steps, layer)
+        self.step, self.site = locate(lrp.steps, lrp.all_steps, layer)
         self.layer = self.step.name if isinstance(layer, int) else layer
-        self.channel_axis = channel_axis(lrp.steps, self.step.index)
+        self.channel_axis = channel_axis(lrp.steps, self.step.index, self.site)
 
     @outside_inference_mode
     def __call__(self, x: torch.Tensor, target=None, *, R: torch.Tensor | None = None,
@@ -86,8 +86,8 @@ class CRP:
         return ConceptExplanation(**fields, layer=self.layer, patch_size=self.lrp.patch_size)
 
     def _explain(self, x: torch.Tensor, target, R, normalize_output: bool) -> ConceptExplanation:
-        steps, index = self.lrp.steps, self.step.index
-        tape = Tape(self.lrp.plan, stop_at=index)
+        steps, index, site = self.lrp.steps, self.step.index, self.site
+        tape = Tape(self.lrp.plan, stop_at=index if site is None else (index, site))
         with torch.enable_grad():
             output = tape.forward(steps, x.detach()).detach()
         R_out, t = output_relevance(output, target, R, normalize_output)
@@ -102,7 +102,7 @@ class CRP:
                 with torch.enable_grad():
                     tape.forward(steps, x.detach())
             R_c = keep_channels(R_layer, concepts[:, k: k + per_pass], self.channel_axis)  # (K, B, ...)
-            parts.append(torch.func.vmap(lambda r: tape.backward_from(steps, index, r))(R_c).detach())
+            parts.append(torch.func.vmap(lambda r: tape.backward_from(steps, index, r, site))(R_c).detach())
         return ConceptExplanation(relevance=torch.cat(parts).movedim(0, 1), concepts=concepts,
                                   concept_relevance=channels.gather(1, concepts), channel_relevance=channels,
                                   output=output, target=t, layer=self.layer)

@@ -9,6 +9,10 @@ steps that lie in ``P``: a layer named ``P`` or ``P.<child>``, and a container o
 too (the residual connection that the timm canonizer names ``blocks.0.mlp`` also holds ``blocks.0.norm2``, so the
 output of the MLP ``blocks.0.mlp`` is that of ``blocks.0.mlp.fc2``, and the output of ``blocks.0`` that of the
 residual connection, the residual stream).
+
+A rule may have inner sites (``Rule.sites``): ``"<path>.<site>"`` names one, e.g. ``"blocks.5.attn.values"``, the
+value outputs of the attention heads, ``y_h = A_h v_h`` merged over the heads (B, N, H·d), the input of the output
+projection (:class:`lrpkit.rules.SelfAttentionRule`).
 """
 
 from __future__ import annotations
@@ -25,9 +29,11 @@ CHANNELS_FIRST = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.BatchNorm1d, nn.BatchNorm2
 CHANNELS_LAST = (nn.Linear, PatchFlatten, SelfAttention, SelectClassToken, TokenMean)
 
 
-def locate(steps: list[Step], every: list[Step], layer) -> Step:
-    """The step whose output is the output of ``layer``: a module path of the original model (see the module
-    docstring) or a step index as in ``LRP.table()``; ValueError naming the layers that can be chosen."""
+def locate(steps: list[Step], every: list[Step], layer) -> tuple[Step, str | None]:
+    """``(step, site)``: the step whose output is the output of ``layer`` (a module path of the original model, see
+    the module docstring, or a step index as in ``LRP.table()``), or, for ``"<path>.<site>"``, the step at
+    ``<path>`` whose rule has that inner site (``Rule.sites``: ``"blocks.5.attn.values"``, the heads' value outputs);
+    ValueError naming the layers that can be chosen."""
     if isinstance(layer, bool) or not isinstance(layer, (int, str)):
         raise TypeError(f"layer must be a module path (str) or a layer index (int), got {type(layer).__name__}")
     if isinstance(layer, int):
@@ -35,15 +41,20 @@ def locate(steps: list[Step], every: list[Step], layer) -> Step:
         if found is None:
             raise ValueError(f"layer index {layer} out of range: the canonized model has layers 0..{len(every) - 1} "
                              f"(see LRP(model).table())")
-        return found
+        return found, None
     inside = _lying_in(steps, layer)
-    if not inside:
-        names = ", ".join(dict.fromkeys(s.name for s in every if s.name))
-        raise ValueError(f"layer {layer!r} is not in the canonized model: either the model has no module of that "
-                         f"name, or canonization removed it (a BatchNorm fused into the layer before it, a Dropout or "
-                         f"Identity dropped). Layers that can be chosen: {names}; or a layer index of "
-                         f"LRP(model).table()")
-    return inside[-1]
+    if inside:
+        return inside[-1], None
+    path, _, site = layer.rpartition(".")
+    owner = _lying_in(steps, path)[-1:] if path else []
+    if owner and site in owner[0].rule.sites:
+        return owner[0], site
+    names = ", ".join(dict.fromkeys([s.name for s in every if s.name] +
+                                    [f"{s.name}.{site}" for s in every if s.name for site in s.rule.sites]))
+    raise ValueError(f"layer {layer!r} is not in the canonized model: either the model has no module of that "
+                     f"name, or canonization removed it (a BatchNorm fused into the layer before it, a Dropout or "
+                     f"Identity dropped). Layers that can be chosen: {names}; or a layer index of "
+                     f"LRP(model).table()")
 
 
 def _lying_in(steps: list[Step], path: str) -> list[Step]:
@@ -67,17 +78,18 @@ def _lying_in(steps: list[Step], path: str) -> list[Step]:
     return found
 
 
-def channel_axis(steps: list[Step], index: int) -> int:
-    """The axis of the output of layer ``index`` that holds its channels: 1 for (B, C, ...) feature maps, -1 for
-    (B, N, C) tokens and channels-last maps. Followed through the chain from the input (channels in dim 1): a
-    convolution, BatchNorm or Flatten puts them in dim 1; a Linear, an attention layer, the patch flattening or a
-    token pooling last; a Permute where it moves them; LayerNormalize, Scale and GlobalResponseNormalize where they
-    work; everything else, a container included, keeps the layout of its input."""
+def channel_axis(steps: list[Step], index: int, site: str | None = None) -> int:
+    """The axis of the output of layer ``index`` (or of its rule's inner site ``site``, as the rule declares it)
+    that holds its channels: 1 for (B, C, ...) feature maps, -1 for (B, N, C) tokens and channels-last maps.
+    Followed through the chain from the input (channels in dim 1): a convolution, BatchNorm or Flatten puts them in
+    dim 1; a Linear, an attention layer, the patch flattening or a token pooling last; a Permute where it moves them;
+    LayerNormalize, Scale and GlobalResponseNormalize where they work; everything else, a container included, keeps
+    the layout of its input."""
     axis = 1
     for chain, k in enclosing(steps, index):
         for step in chain[:k]:  # the layers before it in each chain around it (a container's contents end where
             axis = _after(step.layer, axis)  # they began, so need not be followed)
-    return _after(chain[k].layer, axis)
+    return chain[k].rule.sites[site] if site is not None else _after(chain[k].layer, axis)
 
 
 def _after(layer: nn.Module, axis: int) -> int:

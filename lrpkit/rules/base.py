@@ -209,6 +209,15 @@ class Rule:
             rec.absorbed["bias"] = sink
         return times_input(vjp(layer, a, s, z), a)
 
+    #: inner sites of the rule's reverse pass, ``{name: channel axis}`` (e.g. SelfAttentionRule's ``"values"``): the
+    #: rule calls ``tape.stops_at(step, name)`` there (raising :class:`~lrpkit.propagate.ReachedStop` with the
+    #: relevance there if so) and :meth:`lrp_from` continues from there; CRP conditions on them
+    sites: dict = {}
+
+    def lrp_from(self, site: str, step: Step, rec: Record, R: torch.Tensor, tape) -> torch.Tensor:
+        """The rule's reverse pass from its inner site ``site`` (see ``sites``) down to the input."""
+        raise NotImplementedError(f"{type(self).__name__} has no inner site {site!r}")
+
     def traits(self, layer: nn.Module) -> Traits:
         """What the execution plan may assume about this rule on ``layer`` (:class:`~lrpkit.traits.Traits`). The
         generic rule: it reuses the recorded output unless it modifies the input or the parameters (an

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..layers import (ClassToken, LayerNormalize, PatchFlatten, PositionalEmbedding, SelectClassToken,
                       SelfAttention, TokenMean)
-from ..propagate import Record, Step, per_sample
+from ..propagate import ReachedStop, Record, Step, per_sample
 from ..traits import Traits
 from .base import IncompatibleRuleError, Rule, divide, stabilize
 from .basic import EpsilonRule
@@ -134,11 +134,8 @@ def bilinear_lrp(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, R: torch.T
                  fn) -> tuple[torch.Tensor, torch.Tensor]:
     """AttnLRP's uniform rule for a product ``out = fn(x, y)`` that is linear in each factor:
     ``R_x = x ⊙ ∂(s·out)/∂x``, ``R_y = y ⊙ ∂(s·out)/∂y`` with ``s = R / (2·stab(out))`` — each factor gets half."""
-    with torch.enable_grad():
-        x_, y_ = x.detach().requires_grad_(True), y.detach().requires_grad_(True)
-        z = fn(x_, y_)
-    s = R / (2 * stabilize(out, eps))
-    gx, gy = torch.autograd.grad(z, (x_, y_), s)
+    _, pullback = torch.func.vjp(fn, x.detach(), y.detach())  # torch.func: also under CRP's vmap over concepts
+    gx, gy = pullback(R / (2 * stabilize(out, eps)))
     return x * gx, y * gy
 
 
@@ -220,9 +217,20 @@ class SelfAttentionRule(Rule):
         return Record(x, o_rec.output.detach(), extras=extras)
 
     # -- backward -----------------------------------------------------------------------------------------
+    #: the inner site of the reverse pass (where CRP can condition): ``"values"``, the heads' value outputs
+    #: ``y_h = A_h v_h`` merged over the heads, (B, N, H·d), the output projection's input; channels last
+    sites = {"values": -1}
+
     def lrp(self, step: Step, rec: Record, R: torch.Tensor, tape) -> torch.Tensor:
+        R_values = self.out_rule.lrp(step.state["out"], rec.extras["out"], R, tape)  # at the heads' value outputs
+        if tape.stops_at(step, "values"):
+            raise ReachedStop(R_values)
+        return self.lrp_from("values", step, rec, R_values, tape)
+
+    def lrp_from(self, site: str, step: Step, rec: Record, R: torch.Tensor, tape) -> torch.Tensor:
+        """The rule from its ``"values"`` site down: ``R`` at the heads' value outputs (B, N, H·d) to the input."""
         layer, sub, e = step.layer, step.state, rec.extras
-        R_y = layer.split_heads(self.out_rule.lrp(sub["out"], e["out"], R, tape))
+        R_y = layer.split_heads(R)
         if self.mode == "cp":
             s = divide(R_y, layer.split_heads(e["out"].input), self.epsilon)
             R_v = e["v"] * (e["attn"].transpose(-2, -1) @ s)
