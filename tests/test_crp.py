@@ -287,6 +287,20 @@ def test_unknown_or_removed_layer_names_the_layers_that_can_be_chosen():
         lrpkit.CRP(lrp, "0", 3)
 
 
+def test_a_layer_no_relevance_reaches_is_a_clear_error():
+    # the gate branch of a squeeze-excitation product: ProductRule(mode="gate") holds the gate constant
+    torch.manual_seed(0)
+    gate = Chain([nn.AdaptiveAvgPool2d(1), nn.Conv2d(4, 4, 1), nn.Sigmoid()], ["se.pool", "se.fc", "se.gate"])
+    model = Chain([nn.Conv2d(3, 4, 3), lrpkit.Multiply(Chain([], []), gate), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+                   nn.Linear(4, 2)], ["conv", "se", "pool", "flatten", "head"]).eval()
+    x = torch.randn(2, 3, 6, 6)
+    with pytest.raises(ValueError, match="no relevance reaches layer 'se.fc'.*ProductRule"):
+        lrpkit.CRP(lrpkit.LRP(model), "se.fc", TopConcepts(1))(x)
+    uniform = lrpkit.LRP(model, lrpkit.Composite(*lrpkit.LRP(model).composite.primitives,
+                                                 lrpkit.GlobalTypeMap({lrpkit.Multiply: rules.ProductRule("uniform")})))
+    assert lrpkit.CRP(uniform, "se.fc", TopConcepts(2))(x).relevance.shape == (2, 2, 3, 6, 6)
+
+
 def test_channel_out_of_range_and_too_many_concepts():
     lrp = lrpkit.LRP(small_cnn(), lrpkit.presets.EpsilonPlusFlat())
     with pytest.raises(ValueError, match=r"channel 8 out of range: layer '2' has 8 channels \(0..7\)"):

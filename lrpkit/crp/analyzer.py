@@ -77,6 +77,7 @@ class CRP:
         if R is not None and target is not None:
             raise ValueError("pass either target or R, not both")
         targets = _per_sample(target, x.shape[0])
+        R = torch.as_tensor(R) if R is not None else None
         per_pass = max(1, self.batch_size // self.concepts.count)
         parts = [self._explain(x[i: i + per_pass], targets(i, i + per_pass),
                                None if R is None else R[i: i + per_pass], normalize_output)
@@ -86,16 +87,34 @@ class CRP:
         return ConceptExplanation(**fields, layer=self.layer, patch_size=self.lrp.patch_size)
 
     def _explain(self, x: torch.Tensor, target, R, normalize_output: bool) -> ConceptExplanation:
-        steps, index, site = self.lrp.steps, self.step.index, self.site
-        tape = Tape(self.lrp.plan, stop_at=index if site is None else (index, site))
-        with torch.enable_grad():
-            output = tape.forward(steps, x.detach()).detach()
-        R_out, t = output_relevance(output, target, R, normalize_output)
-        R_layer = tape.backward(steps, R_out).detach()  # at the layer's output; nothing below it has run
+        tape, output, t, R_layer = self._above(x, target, R, normalize_output)
         channels = R_layer.movedim(self.channel_axis, 1).flatten(2).sum(2) if R_layer.ndim > 2 else R_layer
         concepts = self.concepts.select(channels, self.layer)
-        per_pass = max(1, self.batch_size // x.shape[0])
-        parts = []
+        return ConceptExplanation(relevance=self._below(tape, x, R_layer, concepts), concepts=concepts,
+                                  concept_relevance=channels.gather(1, concepts), channel_relevance=channels,
+                                  output=output, target=t, layer=self.layer)
+
+    def _above(self, x: torch.Tensor, target, R, normalize_output: bool) -> tuple:
+        """The forward pass and the reverse loop down to the layer: ``(tape, output, target, R at the layer)``; the
+        records of the layer and of those below it stay on the tape."""
+        index = self.step.index
+        tape = Tape(self.lrp.plan, stop_at=index if self.site is None else (index, self.site))
+        with torch.enable_grad():
+            output = tape.forward(self.lrp.steps, x.detach()).detach()
+        R_out, t = output_relevance(output, target, R, normalize_output)
+        R_layer = tape.backward(self.lrp.steps, R_out).detach()
+        if not tape.reached_stop:
+            raise ValueError(f"no relevance reaches layer {self.layer!r}: the rules route none through it (e.g. the "
+                             f"gate branch of a Multiply under ProductRule(mode='gate'), which holds the gate "
+                             f"constant); choose a layer on the path of the relevance, or give that Multiply "
+                             f"ProductRule(mode='uniform')")
+        return tape, output, t, R_layer
+
+    def _below(self, tape: Tape, x: torch.Tensor, R_layer: torch.Tensor, concepts: torch.Tensor) -> torch.Tensor:
+        """(B, K, *x.shape[1:]): each concept's relevance from the layer down, all concepts of a chunk in one reverse
+        pass vectorised over them (torch.func.vmap: what the rules compute from the records alone, once)."""
+        steps, index, site = self.lrp.steps, self.step.index, self.site
+        per_pass, parts = max(1, self.batch_size // x.shape[0]), []
         for k in range(0, concepts.shape[1], per_pass):
             if k > 0:  # the records below the layer went with the pass before: record them again
                 tape = Tape(self.lrp.plan)
@@ -103,9 +122,7 @@ class CRP:
                     tape.forward(steps, x.detach())
             R_c = keep_channels(R_layer, concepts[:, k: k + per_pass], self.channel_axis)  # (K, B, ...)
             parts.append(torch.func.vmap(lambda r: tape.backward_from(steps, index, r, site))(R_c).detach())
-        return ConceptExplanation(relevance=torch.cat(parts).movedim(0, 1), concepts=concepts,
-                                  concept_relevance=channels.gather(1, concepts), channel_relevance=channels,
-                                  output=output, target=t, layer=self.layer)
+        return torch.cat(parts).movedim(0, 1)
 
     def __repr__(self) -> str:
         return f"CRP(layer={self.layer!r} (index {self.step.index}), concepts={self.concepts!r})"
