@@ -267,6 +267,15 @@ def test_the_relevance_is_detached_and_float32_works():
     assert torch.isfinite(expl.relevance).all()
 
 
+def test_zeros_and_constants_give_finite_maps_and_inference_mode_is_left():
+    model = small_cnn().float()
+    crp = lrpkit.CRP(lrpkit.LRP(model), "2", TopConcepts(2))
+    for x in (torch.zeros(2, 3, 8, 8), torch.full((2, 3, 8, 8), 0.5)):
+        with torch.inference_mode():  # CRP, like LRP, needs autograd below the layer and steps outside
+            expl = crp(x)
+        assert torch.isfinite(expl.relevance).all() and torch.isfinite(expl.concept_relevance).all()
+
+
 # ---- errors ------------------------------------------------------------------------------------------------------
 
 def test_unknown_or_removed_layer_names_the_layers_that_can_be_chosen():
