@@ -1,5 +1,5 @@
 """The two loops of LRP, as in RelevancePropagation.jl: a forward pass that records each layer, and a reverse loop
-over the chain.
+over the chain (from the output, or, :func:`backward_from`, from a layer: CRP).
 
 A :class:`Step` is one layer with its rule and the rule's prepared state (modified layers), built once per
 analyzer. A :class:`Record` is what one forward pass through a step leaves for the reverse loop. Container layers
