@@ -31,6 +31,12 @@ from ..registry import default_rule
 from ..traits import Traits
 from .vjp import has_input_vjp, vjp
 
+try:  # torch's own test for a tensor batched by torch.func.vmap (it has no public name)
+    from torch._C._functorch import is_batchedtensor as _is_batched
+except ImportError:  # pragma: no cover - a torch without functorch vmaps nothing
+    def _is_batched(t) -> bool:
+        return False
+
 LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 POOL_TYPES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
               nn.AdaptiveAvgPool3d, nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AdaptiveMaxPool1d,
@@ -82,14 +88,18 @@ def divide(R: torch.Tensor, z: torch.Tensor, epsilon, gate: torch.Tensor | None 
     ``gate``: ``relu(z)``, free to overwrite, handed over where ``R`` is known to vanish wherever ``z ≤ 0`` (see
     :mod:`lrpkit.plan`); ``z`` is then not read and may be None. Wherever ``R ≠ 0``,
     ``stab(z) = z + ε = relu(z) + ε``, so the quotient is ``R / (relu(z) + ε)``: one in-place add instead of a
-    ``copysign`` and an add, and the same values (a zero quotient may differ in its sign bit)."""
+    ``copysign`` and an add, and the same values (a zero quotient may differ in its sign bit).
+
+    Under :func:`torch.func.vmap` over several relevances per record (CRP's concepts) the quotient is a fresh
+    tensor (vmap has no ``out=``; the relevance's extra dimension would not fit the denominator's buffer) and the
+    gate is left as it is."""
     if gate is not None:
         eps = epsilon.to(gate) if isinstance(epsilon, torch.Tensor) else epsilon
-        if not writable(gate, R):
+        if vmapped(R) or not writable(gate, R):
             return R / (gate.detach() + eps)
         return torch.div(R, gate.add_(eps), out=gate)
     d = stabilize(z.detach(), epsilon)
-    if d.shape != R.shape or d.dtype != R.dtype:
+    if vmapped(R) or not writable(d, R):
         return R / d
     return torch.div(R, d, out=d)
 
@@ -106,8 +116,16 @@ def dense(t: torch.Tensor) -> bool:
 
 def writable(t: torch.Tensor, like: torch.Tensor) -> bool:
     """Whether ``t``, a fresh result of this pass, can take an in-place update by a tensor like ``like``: same
-    shape and dtype, dense, outside autograd."""
-    return t.shape == like.shape and t.dtype == like.dtype and dense(t) and not t.requires_grad
+    shape and dtype, dense, outside autograd, and batched under :func:`torch.func.vmap` if ``like`` is (an update
+    by a vmapped tensor would add the vmapped dimension to ``t``)."""
+    return t.shape == like.shape and t.dtype == like.dtype and dense(t) and not t.requires_grad and \
+        (not vmapped(like) or vmapped(t))
+
+
+def vmapped(t: torch.Tensor) -> bool:
+    """Whether ``t`` is batched by :func:`torch.func.vmap` (CRP runs the rules on several relevances per record
+    that way)."""
+    return _is_batched(t)
 
 
 def times_input(c: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -204,6 +222,15 @@ class Rule:
         if sink is not None:
             rec.absorbed["bias"] = sink
         return times_input(vjp(layer, a, s, z, overwrite=True), a)  # s is this call's own, read no more
+
+    #: inner sites of the rule's reverse pass, ``{name: channel axis}`` (e.g. SelfAttentionRule's ``"values"``): the
+    #: rule calls ``tape.stops_at(step, name)`` there (raising :class:`~lrpkit.propagate.ReachedStop` with the
+    #: relevance there if so) and :meth:`lrp_from` continues from there; CRP conditions on them
+    sites: dict = {}
+
+    def lrp_from(self, site: str, step: Step, rec: Record, R: torch.Tensor, tape) -> torch.Tensor:
+        """The rule's reverse pass from its inner site ``site`` (see ``sites``) down to the input."""
+        raise NotImplementedError(f"{type(self).__name__} has no inner site {site!r}")
 
     def traits(self, layer: nn.Module) -> Traits:
         """What the execution plan may assume about this rule on ``layer`` (:class:`~lrpkit.traits.Traits`). The

@@ -47,9 +47,9 @@ def vjp(layer: nn.Module, a: torch.Tensor, s: torch.Tensor, z: torch.Tensor | No
     as in :func:`input_vjp`."""
     if has_input_vjp(layer):
         return input_vjp(layer, s, a.shape, overwrite)
-    if z is None or not a.requires_grad:
-        with torch.enable_grad():
-            a = a.detach().requires_grad_(True)
-            z = layer(a)
+    if z is None or not a.requires_grad:  # torch.func: also under CRP's vmap over concepts
+        _, pullback = torch.func.vjp(layer, a.detach())
+        (c,) = pullback(s)
+        return c
     (c,) = torch.autograd.grad(z, a, s)
     return c
