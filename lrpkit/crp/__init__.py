@@ -1,0 +1,3 @@
+"""Concept Relevance Propagation (Achtibat et al. 2023): reference samples of concepts."""
+
+from .reference import ReferenceSamples, reference_samples  # noqa: F401
