@@ -263,37 +263,36 @@ def reference_samples(crp_or_lrp, dataset, layer=None, concepts=None, k: int = 1
     if crops:
         check_crop_geometry(lrp, ref, tuple(x0.shape[1:]))
 
+    # the process group of a torchrun launch, created on first use and kept for later calls: torch cannot create
+    # the default group again in a process once it was destroyed
     dist = _Dist(lrp.device or torch.device("cpu"))
-    try:
-        store = _Cache(cache, dist.rank)
-        identity = _identity(lrp, ref, mode, channels, k, target, data) if cache is not None else None
-        error = dist.broadcast(store.prepare(identity, overwrite) if dist.rank == 0 else None)
-        if error:
-            raise ValueError(error)
-        start = dist.broadcast(store.collect(k) if dist.rank == 0 else None)
-        done = set(start["done"]) if start else set()
-        own, failure = _scan(lrp, ref, mode, target, tokens, channels, k, data, done, store, dist, progress)
-        statuses = dist.all_gather(None if failure is None else f"{type(failure).__name__}: {failure}")
-        if failure is not None:
-            raise failure
-        bad = [(r, s) for r, s in enumerate(statuses) if s]
-        if bad:
-            raise RuntimeError(f"rank {bad[0][0]} failed ({bad[0][1]}); the finished batches are saved in the "
-                               f"cache, rerun to resume")
-        result = None
-        parts = dist.gather(own)
-        if dist.rank == 0:
-            for part in parts:
-                start = _merge_states(start, part, k)
-            if store.folder is not None:
-                _Cache.write(store.folder / STATE, start)
-                for f in store.folder.glob(RANK_STATES):
-                    f.unlink(missing_ok=True)
-            result = start
-        result = dist.broadcast(result)
-        dist.barrier()
-    finally:
-        dist.close()
+    store = _Cache(cache, dist.rank)
+    identity = _identity(lrp, ref, mode, channels, k, target, data) if cache is not None else None
+    error = dist.broadcast(store.prepare(identity, overwrite) if dist.rank == 0 else None)
+    if error:
+        raise ValueError(error)
+    start = dist.broadcast(store.collect(k) if dist.rank == 0 else None)
+    done = set(start["done"]) if start else set()
+    own, failure = _scan(lrp, ref, mode, target, tokens, channels, k, data, done, store, dist, progress)
+    statuses = dist.all_gather(None if failure is None else f"{type(failure).__name__}: {failure}")
+    if failure is not None:
+        raise failure
+    bad = [(r, s) for r, s in enumerate(statuses) if s]
+    if bad:
+        raise RuntimeError(f"rank {bad[0][0]} failed ({bad[0][1]}); the finished batches are saved in the "
+                           f"cache, rerun to resume")
+    result = None
+    parts = dist.gather(own)
+    if dist.rank == 0:
+        for part in parts:
+            start = _merge_states(start, part, k)
+        if store.folder is not None:
+            _Cache.write(store.folder / STATE, start)
+            for f in store.folder.glob(RANK_STATES):
+                f.unlink(missing_ok=True)
+        result = start
+    result = dist.broadcast(result)
+    dist.barrier()
     samples = data.size
     if samples < k:
         raise ValueError(f"k={k} is larger than the data set ({samples} samples); choose k <= {samples}")
