@@ -411,3 +411,31 @@ def test_vit_crops_are_patches_and_the_class_token_the_image():
     ds = data(n=5, size=16)
     result = reference_samples(lrp, ds, "blocks.1", k=2, mode="activation", progress=False)
     assert torch.equal(result.boxes, boxes[result.positions])
+
+
+# -- the figure -----------------------------------------------------------------------------------------------------
+def test_concept_grid_cuts_the_boxes_and_overlays_the_heatmaps(tmp_path):
+    from lrpkit.viz import concept_grid, concept_panels
+
+    refs = torch.rand(2, 2, 3, 8, 8)  # 2 concepts x 2 references
+    boxes = torch.tensor([[[0, 0, 4, 4], [2, 3, 6, 8]], [[0, 0, 8, 8], [7, 7, 8, 8]]])
+    heat = torch.zeros(2, 2, 8, 8)
+    heat[0, 1, 2, 3] = 1.0  # the top-left pixel of the crop (2, 3, 6, 8)
+    image, image_heat = torch.rand(3, 8, 8), torch.zeros(2, 3, 8, 8)
+    image_heat[1, :, 0, 0] = -1.0  # summed over the channels: -3 at (0, 0) of concept 1's map
+    panels = concept_panels(refs, heatmaps=heat, boxes=boxes, image=image, image_heatmaps=image_heat, alpha=1.0)
+    assert [[tuple(p.shape) for p in row] for row in panels] == [[(3, 8, 8), (3, 4, 4), (3, 4, 5)],
+                                                                [(3, 8, 8), (3, 8, 8), (3, 1, 1)]]
+    assert torch.equal(panels[0][1], refs[0, 0, :, :4, :4])  # zero relevance: the crop itself
+    assert torch.equal(panels[0][2][:, 0, 0], torch.tensor([1.0, 0, 0]))  # the relevant pixel, red at alpha 1
+    assert torch.equal(panels[0][2][:, 1:, 1:], refs[0, 1, :, 3:6, 4:8])
+    assert torch.equal(panels[1][0][:, 0, 0], torch.tensor([0.0, 0, 1]))  # negative: blue
+    assert torch.equal(panels[1][0][:, 1:], image[:, 1:])
+    assert concept_panels(None, image=image, image_heatmaps=image_heat)[0][0].shape == (3, 8, 8)
+    path = concept_grid([[refs[0, 0]], [refs[1, 0]]], tmp_path / "grid.png", row_titles=["ch 3", "ch 5"],
+                        image=image, image_heatmaps=image_heat[:, 0], column_titles=["image", "reference"])
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    with pytest.raises(ValueError, match="row_titles has 1 entries for 2 concepts"):
+        concept_grid(refs, tmp_path / "bad.png", row_titles=["one"])
+    with pytest.raises(ValueError, match="2 concept heatmaps of the image but 1 rows of references"):
+        concept_panels(refs[:1], image=image, image_heatmaps=image_heat)
