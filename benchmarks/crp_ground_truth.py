@@ -84,7 +84,8 @@ def evaluate(name: str, args) -> list[dict]:
     concepts = [int(per[predicted == y].mean(0).argmax()) for y in classes]
     scan = torch.utils.data.TensorDataset(data.normalize(scan_x01), scan_y)
     found = {mode: reference_samples(lrp, scan, layer, concepts=sorted(set(concepts)), k=args.k, mode=mode,
-                                     batch_size=args.batch, progress=False) for mode in ("relevance", "activation")}
+                                     statistic=args.statistic, batch_size=args.batch, progress=False)
+             for mode in ("relevance", "activation")}
     rows = []
     for y, c in zip(classes, concepts):
         row = {"model": name, "layer": layer, "class": data.CLASS_NAMES[y], "concept": c}
@@ -130,6 +131,8 @@ def main(argv=None) -> None:
     parser.add_argument("--mass-images", type=int, default=32, help="images per class for the heatmap mass")
     parser.add_argument("--k", type=int, default=16, help="reference samples per concept")
     parser.add_argument("--seed", type=int, default=2000, help="seed of the scanned images (held out: seed + 1)")
+    parser.add_argument("--statistic", default="max", choices=("max", "sum"),
+                        help="rank by the maximum (default) or the sum over the positions")
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--table", default=None, help="also write the markdown table to this file")

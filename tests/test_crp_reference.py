@@ -65,6 +65,10 @@ def test_relevance_and_activation_maximisation_by_hand():
     assert act.indices.tolist() == [[0, 2], [0, 2]]
     assert act.scores.tolist() == [[3.0, 3.0], [3.0, 3.0]]
     assert act.positions.tolist() == [[1, 0], [1, 0]]
+    # statistic="sum": Σ_p a = 4 (s0), 4 (s1), 3 (s2) -> [s0, s1]; the position is still the argmax
+    total = reference_samples(lrp, x, "0", k=2, mode="activation", statistic="sum", progress=False)
+    assert total.indices.tolist() == [[0, 1], [0, 1]] and total.scores.tolist() == [[4.0, 4.0], [4.0, 4.0]]
+    assert total.positions.tolist() == [[1, 0], [1, 0]]
     # a 1x1 convolution sees one pixel: the crop of position p is that pixel
     assert rel.boxes[0].tolist() == [[0, 0, 1, 1], [0, 0, 1, 1]]
     assert rel.boxes[1].tolist() == [[0, 1, 1, 2], [0, 1, 1, 2]]
@@ -324,6 +328,8 @@ def test_clear_errors():
         reference_samples(lrp, [x[:2], x[2:]], "0", k=6, progress=False)  # batches: known after the pass
     with pytest.raises(ValueError, match="mode must be 'relevance' or 'activation'"):
         reference_samples(lrp, x, "0", mode="gradient", progress=False)
+    with pytest.raises(ValueError, match="statistic must be 'max' or 'sum'"):
+        reference_samples(lrp, x, "0", statistic="mean", progress=False)
     with pytest.raises(ValueError, match="k must be a positive int"):
         reference_samples(lrp, x, "0", k=0, progress=False)
     with pytest.raises(TypeError, match="needs an lrpkit.LRP or an lrpkit.CRP"):

@@ -7,8 +7,8 @@
   $$[\\,o_0 s - p,\\; o_1 s - p + d (k - 1)\\,] \\cap [0, n - 1]$$
 
   (n: the input's size in that dim); an adaptive pooling maps output i to
-  [⌊i n / m⌋, ⌈(i + 1) n / m⌉ − 1] (m: the output size); element-wise layers (activations, BatchNorm, ``Scale``)
-  keep the range; a layer that mixes a dim (a ``Linear`` over the last dim, ``LayerNormalize`` over its dim, a
+  [⌊i n / m⌋, ⌈(i + 1) n / m⌉ − 1] (m: the output size); element-wise layers (activations, BatchNorm,
+  ``Scale``) keep the range; a layer that mixes a dim (a ``Linear`` over the last dim, ``LayerNormalize`` over its dim, a
   global pooling, ``Flatten``, ``GlobalResponseNormalize``) makes it the whole dim; ``Permute`` reorders the dims;
   a residual connection or parallel branches take the union (the bounding box) of their branches' ranges (the
   identity path of a ``SkipConnection`` included). The result is exact: the smallest box that holds every input

@@ -19,7 +19,7 @@ from ..tape import Tape
 from ..walk import run
 from .locate import LayerRef
 
-__all__ = ["layer_relevance", "layer_activation", "tokens_layout", "channel_maps", "channel_maxima"]
+__all__ = ["layer_relevance", "layer_activation", "tokens_layout", "channel_maps", "channel_scores"]
 
 
 class _Reached(Exception):
@@ -99,8 +99,11 @@ def channel_maps(value: torch.Tensor, tokens: bool) -> torch.Tensor:
     return value.reshape(value.shape[0], value.shape[1], -1)
 
 
-def channel_maxima(maps: torch.Tensor, channels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(m, p)``, each (B, K): for channel ``channels[k]`` of each sample the maximum over the positions,
-    ``m = max_p maps[b, c, p]``, and the position of the maximum ``p`` (the first one on ties, on the CPU)."""
-    values, positions = maps[:, channels].max(-1)
-    return values, positions
+def channel_scores(maps: torch.Tensor, channels: torch.Tensor, statistic: str = "max"
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(s, p)``, each (B, K): for channel ``channels[k]`` of each sample its score over the positions,
+    ``s = max_p maps[b, c, p]`` (``statistic="max"``) or ``s = Σ_p maps[b, c, p]`` (``"sum"``), and the position of
+    the maximum ``p = argmax_p maps[b, c, p]`` (the first one on ties, on the CPU)."""
+    selected = maps[:, channels]
+    values, positions = selected.max(-1)
+    return (values if statistic == "max" else selected.sum(-1)), positions

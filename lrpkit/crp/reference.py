@@ -8,10 +8,10 @@ $$s_c(x) = \\max_p R_{c,p}(x),$$
 
 the largest relevance of channel c over its positions p at the layer's output, where R is the LRP relevance of
 the explained output (the one-hot of the target, as :class:`lrpkit.LRP`; ``target=None``: each sample's predicted
-class). Activation maximisation (``mode="activation"``) ranks by the largest activation instead,
-``s_c(x) = max_p a_{c,p}(x)``. The two differ where a channel is active but not used for the decision: a large
-activation whose relevance is small or negative (it pointed away from the class) ranks high for activation and
-low for relevance. Relevance maximisation finds the samples for which the concept mattered.
+class); ``statistic="sum"`` ranks by ``Σ_p R_{c,p}(x)`` instead (zennit-crp's default). Activation maximisation
+(``mode="activation"``) ranks by the largest activation instead, ``s_c(x) = max_p a_{c,p}(x)``. The two differ
+where a channel is active but not used for the decision: a large activation whose relevance is small or negative
+(it pointed away from the class) ranks high for activation and low for relevance. Relevance maximisation finds the samples for which the concept mattered.
 
 The k samples of concept c are those with the largest s_c, on equal scores the smaller sample index first. Each
 comes with its position p* (the argmax) and its crop box (:mod:`lrpkit.crp.crops`: the receptive field of p* in
@@ -44,7 +44,7 @@ from ..evaluate.store import _check_config, parameter_digest
 from .crops import check_crop_geometry, crop_boxes
 from .data import ScanData
 from .locate import LayerRef, resolve_layer
-from .probe import channel_maps, channel_maxima, layer_activation, layer_relevance, tokens_layout
+from .probe import channel_maps, channel_scores, layer_activation, layer_relevance, tokens_layout
 from .ranking import TopK
 
 __all__ = ["ReferenceSamples", "reference_samples"]
@@ -203,14 +203,14 @@ def _merge_states(a: dict | None, b: dict | None, k: int) -> dict | None:
     return _state(set(a["done"]) | set(b["done"]), top, a["meta"] or b["meta"])
 
 
-def _identity(lrp: LRP, ref: LayerRef, mode, channels, k, target, data: ScanData) -> dict:
+def _identity(lrp: LRP, ref: LayerRef, mode, statistic, channels, k, target, data: ScanData) -> dict:
     rules = hashlib.sha256(lrp.table().encode()).hexdigest()[:16]
     return {"version": FORMAT, "parameters": parameter_digest(lrp.chain), "rules": rules,
-            "layer": f"{ref.index} {ref.name}", "mode": mode, "concepts": channels.tolist(), "k": k,
-            "target": target if mode == "relevance" else None, "data": data.identity()}
+            "layer": f"{ref.index} {ref.name}", "mode": mode, "statistic": statistic, "concepts": channels.tolist(),
+            "k": k, "target": target if mode == "relevance" else None, "data": data.identity()}
 
 
-def _scores(lrp, ref, mode, x, labels, target, tokens, channels):
+def _scores(lrp, ref, mode, x, labels, target, tokens, channels, statistic):
     if mode == "relevance":
         if target == "label":
             if labels is None:
@@ -220,12 +220,13 @@ def _scores(lrp, ref, mode, x, labels, target, tokens, channels):
         value, _ = layer_relevance(lrp, ref, x, target)
     else:
         value = layer_activation(lrp, ref, x)
-    return value, channel_maxima(channel_maps(value, tokens), channels.to(value.device))
+    return value, channel_scores(channel_maps(value, tokens), channels.to(value.device), statistic)
 
 
 def reference_samples(crp_or_lrp, dataset, layer=None, concepts=None, k: int = 16, mode: str = "relevance", *,
-                      target=None, batch_size: int = 32, cache: str | Path | None = None, overwrite: bool = False,
-                      crops: bool = True, num_workers: int = 0, progress: bool = True) -> ReferenceSamples:
+                      statistic: str = "max", target=None, batch_size: int = 32, cache: str | Path | None = None,
+                      overwrite: bool = False, crops: bool = True, num_workers: int = 0,
+                      progress: bool = True) -> ReferenceSamples:
     """Per concept the ``k`` samples of ``dataset`` with the largest maximal relevance (``mode="relevance"``) or
     activation (``mode="activation"``) at ``layer`` (see the module docstring).
 
@@ -236,6 +237,9 @@ def reference_samples(crp_or_lrp, dataset, layer=None, concepts=None, k: int = 1
       (:mod:`lrpkit.crp.data`). All samples have one shape.
     - ``layer``: a module path of the original model or a rule-table index (:mod:`lrpkit.crp.locate`).
     - ``concepts``: the channels to scan: None (every channel), channel indices, or ``IndexedConcepts``.
+    - ``statistic``: ``"max"`` ranks by the maximum over the positions (the definition above), ``"sum"`` by the
+      sum (zennit-crp's default ``max_target="sum"``: a concept present all over the sample ranks high); the
+      crop is that of the maximum either way.
     - ``target`` (relevance mode): None (each sample's predicted class), a class index, or ``"label"`` (each
       sample's label).
     - ``batch_size``: samples per forward/backward pass for a ``Dataset`` (an iterable's batches are used as
@@ -249,6 +253,8 @@ def reference_samples(crp_or_lrp, dataset, layer=None, concepts=None, k: int = 1
     """
     lrp, layer, concepts = _unpack(crp_or_lrp, layer, concepts)
     _check_args(mode, k, batch_size, target)
+    if statistic not in ("max", "sum"):
+        raise ValueError(f"statistic must be 'max' or 'sum', got {statistic!r}")
     if layer is None:
         raise ValueError("name the layer: layer='features.28' (a module path) or a rule-table index")
     ref = resolve_layer(lrp.chain, layer)
@@ -267,13 +273,13 @@ def reference_samples(crp_or_lrp, dataset, layer=None, concepts=None, k: int = 1
     # the default group again in a process once it was destroyed
     dist = _Dist(lrp.device or torch.device("cpu"))
     store = _Cache(cache, dist.rank)
-    identity = _identity(lrp, ref, mode, channels, k, target, data) if cache is not None else None
+    identity = _identity(lrp, ref, mode, statistic, channels, k, target, data) if cache is not None else None
     error = dist.broadcast(store.prepare(identity, overwrite) if dist.rank == 0 else None)
     if error:
         raise ValueError(error)
     start = dist.broadcast(store.collect(k) if dist.rank == 0 else None)
     done = set(start["done"]) if start else set()
-    own, failure = _scan(lrp, ref, mode, target, tokens, channels, k, data, done, store, dist, progress)
+    own, failure = _scan(lrp, ref, mode, statistic, target, tokens, channels, k, data, done, store, dist, progress)
     statuses = dist.all_gather(None if failure is None else f"{type(failure).__name__}: {failure}")
     if failure is not None:
         raise failure
@@ -302,7 +308,7 @@ def reference_samples(crp_or_lrp, dataset, layer=None, concepts=None, k: int = 1
                             boxes, tuple(meta["input_shape"]), tuple(meta["layer_shape"]), samples)
 
 
-def _scan(lrp, ref, mode, target, tokens, channels, k, data, done, store, dist, progress):
+def _scan(lrp, ref, mode, statistic, target, tokens, channels, k, data, done, store, dist, progress):
     """This process's share of the pending batches: ``(its state, the exception that stopped it or None)``."""
     from tqdm.auto import tqdm
 
@@ -326,7 +332,7 @@ def _scan(lrp, ref, mode, target, tokens, channels, k, data, done, store, dist, 
                 if meta and list(x.shape[1:]) != meta["input_shape"]:
                     raise ValueError(f"batch {b} has samples of shape {tuple(x.shape[1:])}, the first batch "
                                      f"{tuple(meta['input_shape'])}; all samples need one shape")
-                value, (scores, positions) = _scores(lrp, ref, mode, x, labels, target, tokens, channels)
+                value, (scores, positions) = _scores(lrp, ref, mode, x, labels, target, tokens, channels, statistic)
                 meta = meta or {"input_shape": list(x.shape[1:]), "layer_shape": list(value.shape[1:])}
                 indices = torch.arange(first, first + x.shape[0])
                 top = top.merged(TopK.from_batch(scores, positions, indices, labels), k)
