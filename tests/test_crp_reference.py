@@ -177,6 +177,30 @@ def test_target_label_explains_each_samples_label():
         reference_samples(lrp, x, "3", k=2, target="label", progress=False)
 
 
+def test_load_samples_from_a_dataset_a_tensor_and_batches():
+    from lrpkit.crp import load_samples
+
+    ds = data(n=7)
+    x, y = ds.tensors
+    idx = torch.tensor([[6, 0], [3, 3]])
+    for source in (ds, x, [(x[i:i + 3], y[i:i + 3]) for i in range(0, 7, 3)], [x[:4], x[4:]]):
+        assert torch.equal(load_samples(source, idx), x[idx])
+    with pytest.raises(IndexError, match="sample 9 is beyond the 7 samples"):
+        load_samples([x[:4], x[4:]], [9])
+
+
+def test_a_crp_analyzer_gives_its_lrp_layer_and_channels():
+    """Needs the CRP analyzer (``lrpkit.crp.CRP``, ``IndexedConcepts``)."""
+    from lrpkit.crp import CRP, IndexedConcepts
+
+    lrp, ds = lrpkit.LRP(small_cnn()), data(n=6)
+    crp = CRP(lrp, layer="3", concepts=IndexedConcepts(4, 1))
+    via_crp = reference_samples(crp, ds, k=2, progress=False)
+    direct = reference_samples(lrp, ds, "3", concepts=[4, 1], k=2, progress=False)
+    assert via_crp.concepts.tolist() == [4, 1] and torch.equal(via_crp.indices, direct.indices)
+    assert torch.equal(via_crp.scores, direct.scores)
+
+
 # -- resumption -----------------------------------------------------------------------------------------------------
 class Interrupted(Dataset):
     """A Dataset that fails at sample ``fail_at`` (an interrupted scan) and counts what it loads."""
@@ -245,6 +269,9 @@ def test_the_cache_refuses_other_arguments(tmp_path):
         reference_samples(lrpkit.LRP(small_cnn(seed=1)), ds, "3", k=2, cache=tmp_path, progress=False)
     fresh = reference_samples(lrp, ds, "3", k=3, cache=tmp_path, overwrite=True, progress=False)
     assert fresh.k == 3
+    (tmp_path / "config.json").unlink()
+    with pytest.raises(ValueError, match="holds a scan's state but no config.json"):
+        reference_samples(lrp, ds, "3", k=3, cache=tmp_path, progress=False)
 
 
 # -- torchrun -------------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ import torch
 
 from ..analyzer import LRP
 from ..evaluate.distributed import _Dist, shard
-from ..evaluate.store import _check_config, parameter_digest
+from ..evaluate.store import CONFIG, _check_config, parameter_digest
 from .crops import check_crop_geometry, crop_boxes
 from .data import ScanData
 from .locate import LayerRef, resolve_layer
@@ -164,9 +164,13 @@ class _Cache:
             return None
         if self.folder.exists() and not self.folder.is_dir():
             return f"cache {self.folder} is a file; give a folder (it is created when missing)"
-        if overwrite and self.folder.is_dir():
-            for f in [self.folder / STATE, *self.folder.glob(RANK_STATES)]:
+        states = [self.folder / STATE, *self.folder.glob(RANK_STATES)] if self.folder.is_dir() else []
+        if overwrite:
+            for f in states:
                 f.unlink(missing_ok=True)
+        elif any(f.is_file() for f in states) and not (self.folder / CONFIG).is_file():
+            return f"cache {self.folder} holds a scan's state but no {CONFIG}; choose another cache or pass " \
+                   f"overwrite=True"
         error = _check_config(self.folder, identity, overwrite)
         return None if error is None else error.replace("--out", "cache").replace("--overwrite", "overwrite=True")
 
