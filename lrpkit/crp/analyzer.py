@@ -30,13 +30,15 @@ class CRP:
 
     and the concept's relevance at the layer is ``R^ℓ_c = Σ_p R^ℓ_{c,p}``. Only what flows through the layer counts:
     where ℓ lies in a branch of a container (the inside of a residual connection), the container's identity path and
-    other branches get none of ``R(c)`` (zennit-crp's ``exclude_parallel=True``; :meth:`lrpkit.tape.Tape.backward_from`).
+    other branches get none of ``R(c)`` (zennit-crp's ``exclude_parallel=True``;
+    :meth:`lrpkit.tape.Tape.backward_from`).
     The reverse loop is linear in the relevance, so ``Σ_c R(c)`` is the relevance through the layer: LRP's relevance
     where ℓ is on the main path, LRP's relevance less what flows around ℓ where it is not.
 
     ``lrp``: the analyzer (its canonized model, rules and plan). ``layer``: a module path of the original model, as
     in ``model.named_modules()`` (``"features.28"``, ``"blocks.5.mlp.fc1"``, ``"blocks.5"`` for the residual stream
-    after block 5), or a layer index of ``lrp.table()``; a layer that canonization removed (a BatchNorm fused into the
+    after block 5), ``"<attention>.values"`` for the attention heads' value outputs ``A_h v_h`` (an inner site of
+    :class:`~lrpkit.rules.SelfAttentionRule`), or a layer index of ``lrp.table()``; a layer that canonization removed (a BatchNorm fused into the
     convolution before it, a Dropout) is an error that lists the layers that can be chosen. ``concepts``:
     :class:`~lrpkit.crp.TopConcepts` or :class:`~lrpkit.crp.IndexedConcepts`. The channel is dim 1 of a (B, C, ...)
     feature map and the last dim of (B, N, C) tokens (zennit-crp's ``ChannelConcept`` takes dim 1 always, which on
@@ -44,7 +46,7 @@ class CRP:
     carries.
 
     Speed: the forward pass and the reverse loop above the layer run once per sample; below the layer, the K
-    concepts of all samples go through one reverse pass, vectorised over the concepts with :func:`torch.func.vmap`:
+    concepts of all samples go through one reverse pass (per ``batch_size`` maps), vectorised over the concepts with :func:`torch.func.vmap`:
     what the rules compute from the recorded activations alone (modified forward passes, denominators) is computed
     once per sample, only what involves the relevance once per concept. Call it on batches:
     ``crp(x, target=None, *, R=None, normalize_output=True) -> ConceptExplanation``.

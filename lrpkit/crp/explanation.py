@@ -14,8 +14,8 @@ class ConceptExplanation:
     ``relevance``: (B, K, *input.shape[1:]), the input relevance of each concept (what flows through that channel of
     the layer); ``concepts``: (B, K) long, the channel of each concept; ``concept_relevance``: (B, K), each concept's
     relevance at the layer summed over positions; ``channel_relevance``: (B, C), that of every channel of the layer
-    (``concept_relevance`` is ``channel_relevance.gather(1, concepts)``; ``channel_relevance / channel_relevance.sum(1)``
-    is the share of the layer's relevance each channel carries); ``output``: the model's output; ``target``: (B,)
+    (``concept_relevance`` is ``channel_relevance.gather(1, concepts)``;
+    ``channel_relevance / channel_relevance.sum(1)`` is the share of the layer's relevance each channel carries); ``output``: the model's output; ``target``: (B,)
     explained class per sample (None for an explicit output relevance); ``layer``: the layer's name.
     ``heatmap`` is (B, K, H, W) for image inputs.
     """
