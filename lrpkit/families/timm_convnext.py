@@ -236,7 +236,6 @@ def _convnext(model: nn.Module, path: str) -> list:
     return out + _head(model, join(path, "head"))
 
 
-
 try:
     from timm.models.convnext import ConvNeXt as _ConvNeXt
 except ImportError:  # pragma: no cover  (timm is optional for canonization)

@@ -264,7 +264,6 @@ def canonize_mobilenetv3(model, path=""):
     return entries + _linear(model.classifier, join(path, "classifier"))
 
 
-
 try:
     from timm.layers import BatchNormAct2d, SelectAdaptivePool2d  # noqa: F401
     from timm.layers.conv2d_same import Conv2dSame, Conv2dSameExport

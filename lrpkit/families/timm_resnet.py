@@ -191,7 +191,6 @@ def canonize_resnet(model, path: str = "") -> list:
     return entries
 
 
-
 try:
     from timm.models.resnet import ResNet
 except ImportError:  # pragma: no cover

@@ -293,7 +293,6 @@ def vit_geometry(model, chain=None) -> Geometry:
     return Geometry(size, len(_prefix_tokens(model)[1]), global_attention=True)
 
 
-
 #: The methods ``lrpkit evaluate`` runs by default on a vision transformer.
 VIT_METHODS = ("lrp", "attnlrp", "transformer-attribution", "rollout", "gradient-rollout", "attention-gradcam",
                "gradient", "input-x-gradient", "integrated-gradients", "smoothgrad")

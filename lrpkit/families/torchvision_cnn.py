@@ -43,7 +43,6 @@ def _block(parts):
     return canonize_block
 
 
-
 try:
     from torchvision.models import resnet as _tv_resnet
     from torchvision.models import vgg as _tv_vgg
