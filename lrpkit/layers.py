@@ -233,6 +233,11 @@ class LayerNormalize(nn.Module):
         return torch.sqrt(var + self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.normalize(x)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x - μ(x)) / σ(x)`` as the forward pass computes it (torch's ``layer_norm``), for rules that need ``y``
+        again without calling the module (and its hooks)."""
         if self.dim in (-1, x.ndim - 1):
             return torch.nn.functional.layer_norm(x, x.shape[-1:], eps=self.eps)
         x = x.movedim(self.dim, -1)
