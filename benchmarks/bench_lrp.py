@@ -11,6 +11,10 @@ Random weights (nothing is downloaded); batch 1 and 8 by default; ``--device cud
 so that a change is measured old against new in one interleaved run:
 
     uv run python benchmarks/bench_lrp.py --suite cnn --against c5a6677
+
+On a machine shared with other jobs, ``--threads 1 --clock cpu`` times the CPU time of the calling thread instead
+of wall time (far less disturbed by the other jobs; the ratio of one thread, not of two).
+
 Targets (issues 2 and 3): ε-only ≤ 1.15× (CNN) / ≤ 1.2× (ViT), EpsilonPlusFlat ≤ 1.6×, CPLRP with γ ≤ 2×,
 peak memory ≤ 1.5× the input gradient's. Issue 13 (suites timm-beit, timm-siglip, timm-eva, timm-swin): CPLRP ≤ 1.2×,
 AttnLRP ≤ 1.5×, memory ≤ 1.5×.
@@ -22,6 +26,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 import torch
 
@@ -104,6 +109,9 @@ def main():
     parser.add_argument("--warmup", type=int, default=3, help="untimed rounds before the timed ones")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None)
+    parser.add_argument("--clock", choices=("wall", "cpu"), default="wall",
+                        help="cpu: the calling thread's CPU time (needs --threads 1), for a machine shared with other "
+                        "jobs, where wall time is disturbed")
     parser.add_argument("--no-memory", action="store_true")
     parser.add_argument("--against", default=None, help="git revision whose package is timed in the same rounds")
     parser.add_argument("--memory", nargs="+", metavar="ARG", help=argparse.SUPPRESS)
@@ -112,6 +120,9 @@ def main():
         torch.set_num_threads(args.threads)
     if args.memory:
         return memory_main(*args.memory)
+    if args.clock == "cpu" and torch.get_num_threads() != 1:
+        parser.error("--clock cpu measures the calling thread only: use it with --threads 1")
+    clock = time.thread_time if args.clock == "cpu" else time.perf_counter
 
     rows, models = [], {}
     for model_name, method in SUITES[args.suite]:
@@ -123,7 +134,7 @@ def main():
             fns["before"] = method_fn(model, "ref:" + method, args.against)
         for batch in args.batch:
             x, t = inputs(batch, args.device)
-            timed = harness.time_rounds(fns, x, t, args.repeats, args.calls, args.warmup)
+            timed = harness.time_rounds(fns, x, t, args.repeats, args.calls, args.warmup, clock)
             row = {"model": model_name, "method": method, "batch": batch, "gradient s": f"{timed['gradient'][0]:.3f}",
                    "LRP s": f"{timed['LRP'][0]:.3f}", "time ratio": f"{timed['LRP'][1]:.2f}"}
             if args.against:
@@ -143,7 +154,7 @@ def main():
             print(json.dumps(row), flush=True)
     columns = list(rows[0].keys())
     print()
-    print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__}")
+    print(f"device={args.device} threads={torch.get_num_threads()} clock={args.clock} torch={torch.__version__}")
     print(harness.table(rows, columns))
 
 

@@ -19,21 +19,11 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
+sys.path.insert(1, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests"))
+from helpers import randomize_bn  # noqa: E402  (the tests' BatchNorm randomiser, so that fusion is exercised)
 from reference import load_reference  # noqa: E402
 
 import lrpkit  # noqa: E402
-
-
-def randomised(model):
-    """Eval-mode model with random BatchNorm statistics (so that fusion is exercised)."""
-    g = torch.Generator().manual_seed(3)
-    for m in model.modules():
-        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm):
-            m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
-            m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
-            m.bias.data.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-    return model.eval()
 
 
 def build(name: str):
@@ -44,7 +34,7 @@ def build(name: str):
         return timm.create_model(name if name != "vit_small" else "vit_small_patch16_224", pretrained=False,
                                  **kw).eval()
     import torchvision
-    return randomised(getattr(torchvision.models, name)())
+    return randomize_bn(getattr(torchvision.models, name)(), seed=3).eval()
 
 
 def composites(pkg, vit: bool):

@@ -55,7 +55,8 @@ def time_call(fn, x, target, repeats: int = 3) -> float:
     return statistics.median(times)
 
 
-def time_rounds(fns: dict, x, target, repeats: int = 7, calls: int = 2, warmup: int = 3) -> dict:
+def time_rounds(fns: dict, x, target, repeats: int = 7, calls: int = 2, warmup: int = 3,
+                clock=time.perf_counter) -> dict:
     """Interleaved timing of the functions in ``fns`` (name -> fn): ``warmup`` untimed rounds, then ``repeats``
     rounds; in each round, every function in turn is called ``calls`` times in a row, of which only the last is
     timed. Returns name -> (median seconds, median of the per-round ratios to the first function).
@@ -65,7 +66,11 @@ def time_rounds(fns: dict, x, target, repeats: int = 7, calls: int = 2, warmup: 
     method (glibc trims freed memory at the top of the heap), and re-faults the pages it needs beyond the other's
     peak; a user explaining a thousand images runs one method in its steady state. Why several warm-up rounds:
     the first rounds in a process measured higher ratios than the later ones (ResNet-50 with ε, batch 1 and 8:
-    1.16 and 1.14 in the first 7 rounds, 1.09 to 1.11 in each of the next three sets of 7)."""
+    1.16 and 1.14 in the first 7 rounds, 1.09 to 1.11 in each of the next three sets of 7).
+
+    ``clock``: wall time by default; ``time.thread_time`` counts the CPU time of the calling thread only, which on a
+    machine shared with other jobs is far less disturbed than wall time (with one intra-op thread, all of a call's
+    work runs on the calling thread)."""
     rounds = []
     for round_ in range(warmup + repeats):
         times = {}
@@ -73,10 +78,10 @@ def time_rounds(fns: dict, x, target, repeats: int = 7, calls: int = 2, warmup: 
             for _ in range(calls - 1):
                 f(x, target)
             _sync(x.device)
-            start = time.perf_counter()
+            start = clock()
             f(x, target)
             _sync(x.device)
-            times[name] = time.perf_counter() - start
+            times[name] = clock() - start
         if round_ >= warmup:
             rounds.append(times)
     first = next(iter(fns))

@@ -18,7 +18,8 @@ from .explanation import Accounting, Explanation
 from .layers import (Chain, ClassToken, LayerNormalize, Multiply, PatchFlatten, PositionalEmbedding, Scale,
                      SelectClassToken, SelfAttention, SkipConnection, Sum, TokenMean)
 from .registry import Registry, register_rule, registered
-from . import evaluate, methods  # noqa: E402  (after the core they build on)
+from . import crp, evaluate, methods  # noqa: E402  (after the core they build on)
+from .crp import CRP  # noqa: E402
 from . import _aliases
 
 __version__ = "0.1.0"
@@ -42,7 +43,7 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "LRP", "analyze", "canonize", "register_canonizer", "register_rule", "Registry", "registered", "CanonizationError",
+    "LRP", "analyze", "CRP", "crp", "canonize", "register_canonizer", "register_rule", "Registry", "registered", "CanonizationError",
     "families", "Family", "register_family",
     "Explanation", "Accounting", "composites", "presets", "rules", "layers", "methods", "evaluate",
     "Composite", "GlobalMap", "GlobalTypeMap", "FirstLayerMap", "FirstLayerTypeMap", "LastLayerMap",

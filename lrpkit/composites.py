@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 from torch import nn
 
-from .layers import Chain
+from .layers import Chain, SkipConnection
 from .registry import default_rule
 from .rules.base import IncompatibleRuleError
 from .walk import Visit, walk
@@ -96,22 +96,31 @@ class GlobalTypeMap:
 
 
 def _end_layers(slots, matches, last: bool) -> list:
-    """The first (or last) leaf layer for which ``matches(layer)`` holds. If it sits in a branch of a ``Sum``
-    (e.g. the two heads of a distilled DeiT), the first (last) such layer of every branch of that ``Sum``."""
+    """The first (or last) leaf layer for which ``matches(layer)`` holds. If it sits in a branch of a container
+    whose branches run side by side (a ``Sum``, e.g. the two heads of a distilled DeiT, or a ``Multiply``; not the
+    inner chain of a ``SkipConnection``), the first (last) such layer of every branch of the innermost one."""
     candidates = [s for s in _leaves(slots) if matches(s.layer)]
     if not candidates:
         return []
     end = candidates[-1] if last else candidates[0]
-    if ".branch" not in end.path:
+    by_index = {s.index: s for s in slots}
+    split = next((c for c in _enclosing(end, by_index) if not isinstance(c.layer, SkipConnection)), None)
+    if split is None:
         return [end]
-    prefix = end.path[: end.path.rindex(".branch")] + ".branch"
-    branches: dict = {}
+    ends: dict = {}
     for s in candidates:
-        if s.path.startswith(prefix):
-            key = s.path[len(prefix):].split(".")[0]
-            if last or key not in branches:
-                branches[key] = s
-    return list(branches.values())
+        branch = next((inner.visit.branch for inner in (s, *_enclosing(s, by_index))
+                       if inner.visit.parent == split.index), None)
+        if branch is not None and (last or branch not in ends):
+            ends[branch] = s
+    return list(ends.values())
+
+
+def _enclosing(slot, by_index):
+    """The containers around ``slot``, innermost first (the walk's ``parent`` links)."""
+    while slot.visit.parent is not None:
+        slot = by_index[slot.visit.parent]
+        yield slot
 
 
 class FirstLayerMap:

@@ -217,10 +217,27 @@ class LayerNormalize(nn.Module):
         self.dim = dim
 
     def sigma(self, x: torch.Tensor) -> torch.Tensor:
-        """``σ(x) = sqrt(Var(x) + eps)`` over ``dim`` (biased variance), keeping ``dim`` with size 1."""
-        return torch.sqrt(x.var(dim=self.dim, unbiased=False, keepdim=True) + self.eps)
+        """``σ(x) = sqrt(Var(x) + eps)`` over ``dim`` (biased variance), keeping ``dim`` with size 1.
+
+        The variance is accumulated in float64 by the two-pass formula ``mean((x - mean(x))²)``: as accurate as
+        torch's ``var`` (Welford's update in float64), and about ten times faster on CPU, where ``var`` does not
+        vectorise. Rounded to ``x``'s dtype the two give the same value except where their float64 values straddle
+        a rounding boundary, which takes a row whose mean is many times its spread (measured on float32 rows of
+        96 to 768 values: none in 10⁶ rows of unit scale, 7 in 10⁴ rows with mean/std = 10⁴). A float64 ``x`` has
+        no wider type to accumulate in and keeps torch's ``var``."""
+        if x.dtype == torch.float64:
+            return torch.sqrt(x.var(dim=self.dim, unbiased=False, keepdim=True) + self.eps)
+        d = x.to(torch.float64)
+        d.sub_(d.mean(dim=self.dim, keepdim=True))
+        var = d.square_().mean(dim=self.dim, keepdim=True).to(x.dtype)
+        return torch.sqrt(var + self.eps)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.normalize(x)
+
+    def normalize(self, x: torch.Tensor) -> torch.Tensor:
+        """``(x - μ(x)) / σ(x)`` as the forward pass computes it (torch's ``layer_norm``), for rules that need ``y``
+        again without calling the module (and its hooks)."""
         if self.dim in (-1, x.ndim - 1):
             return torch.nn.functional.layer_norm(x, x.shape[-1:], eps=self.eps)
         x = x.movedim(self.dim, -1)
@@ -254,10 +271,12 @@ class Scale(nn.Module):
 
 
 class Permute(nn.Module):
-    """``y = x.permute(dims)`` (made contiguous), e.g. (B, C, H, W) -> (B, H, W, C) for a channels-last MLP (timm's
-    ConvNeXt block).
+    """``y = x.permute(dims)``, e.g. (B, C, H, W) -> (B, H, W, C) for a channels-last MLP (timm's ConvNeXt block).
 
-    A pure rearrangement: its rule is the inverse permutation of the relevance."""
+    A view, as in timm: a ConvNeXt's feature maps lie channels last in memory (its LayerNorm2d leaves them so), so
+    the permuted tensor is contiguous and the one permuted back is channels last again; a copy in either direction
+    would mix the two layouts in the element-wise steps after it. A pure rearrangement: its rule is the inverse
+    permutation of the relevance."""
 
     def __init__(self, dims: Sequence[int]):
         super().__init__()
@@ -272,8 +291,7 @@ class Permute(nn.Module):
         return tuple(inv)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # dense, not a strided view: the norm after it (and its rule) read it along the new last dimension
-        return x.permute(self.dims).contiguous()
+        return x.permute(self.dims)
 
     def extra_repr(self) -> str:
         return f"dims={self.dims}"
@@ -307,9 +325,13 @@ class GlobalResponseNormalize(nn.Module):
         g = x.norm(p=2, dim=spatial, keepdim=True)
         return g / (g.mean(dim=self.channel_dim, keepdim=True) + self.eps)
 
+    def forward_with_response(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(y, N)``: the output and the normalised response it was computed with."""
+        shape, n = self._shape(), self.response(x)
+        return x + torch.addcmul(self.bias.view(shape), self.weight.view(shape), x * n), n
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        shape = self._shape()
-        return x + torch.addcmul(self.bias.view(shape), self.weight.view(shape), x * self.response(x))
+        return self.forward_with_response(x)[0]
 
     def extra_repr(self) -> str:
         return f"{self.weight.shape[0]}, eps={self.eps}, channel_dim={self.channel_dim}"

@@ -6,8 +6,9 @@ Per step (:class:`StepPlan`):
 - ``keep_output``: the recording pass keeps the layer's output for the reverse loop (the rule reads it and takes
   no gate instead).
 - ``lazy_input``: the layer's input is not kept but recomputed from the layer below when the reverse loop reaches
-  it (below it an element-wise layer whose output is cheap to recompute), so that a Conv→ReLU→Conv chain keeps
-  one tensor per layer, as autograd does.
+  it (below it an element-wise layer whose output is cheap to recompute and is not kept), so that a
+  Conv→ReLU→Conv chain keeps one tensor per layer, as autograd does. Where the layer below keeps its output, the
+  layer's input is that same tensor, kept once.
 - The ReLU plan, on each ``low → ReLU → high`` whose ReLU passes relevance unchanged (``moves_only``):
 
   - ``gated`` (on ``low``): ``high``'s rule returns zero wherever its input ``relu(z)`` is zero, so the relevance
@@ -80,12 +81,13 @@ class Plan:
             keeps = traits[k].output and not (k in gated and traits[k].uses_gate)
             if not keeps and traits[k].output_in_record_only:
                 in_place.add(k + 1)
+        kept = [t.output and not (k in gated and t.uses_gate) for k, t in enumerate(traits)]
         for k, (step, t) in enumerate(zip(steps, traits)):
-            takes_gate = k in gated and t.uses_gate
             self.steps[step.index] = StepPlan(
-                step.index, step.path, t, keep_output=t.output and not takes_gate,
-                lazy_input=k > 0 and traits[k - 1].output_recomputable and t.lazy_input,
-                gated=k in gated, takes_gate=takes_gate, gate_to=gate_to.get(k), relu_in_place=k in in_place)
+                step.index, step.path, t, keep_output=kept[k],
+                lazy_input=k > 0 and traits[k - 1].output_recomputable and not kept[k - 1] and t.lazy_input,
+                gated=k in gated, takes_gate=k in gated and t.uses_gate, gate_to=gate_to.get(k),
+                relu_in_place=k in in_place)
 
     def _vanishes(self, step: Step, traits: Traits) -> bool:
         """Whether the step's relevance vanishes wherever its input is zero (a container: if its branches' first

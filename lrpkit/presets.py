@@ -10,13 +10,11 @@ from __future__ import annotations
 from torch import nn
 
 from .composites import Composite, FirstLayerMap, GlobalTypeMap, LastLayerMap
-from .layers import (LayerNormalize, Multiply, PositionalEmbedding, Scale, SelfAttention, SkipConnection, Sum,
-                     TokenMean)
-from .rules import (MAXPOOL_TYPES, AlphaBetaRule, EpsilonRule, FlatRule, GammaRule, GeneralizedGammaRule,
-                    LayerNormRule, MaxPoolRule, PositionalEmbeddingRule, ProductRule, SelfAttentionRule,
-                    SkipConnectionRule, SumRule, TokenMeanRule, ZBoxRule, ZPlusRule)
-from .layers import AttentionPool
-from .rules import AttentionPoolRule
+from .layers import (AttentionPool, GlobalResponseNormalize, LayerNormalize, Multiply, PositionalEmbedding, Scale,
+                     SelfAttention, SkipConnection, Sum, TokenMean)
+from .rules import (MAXPOOL_TYPES, AlphaBetaRule, AttentionPoolRule, EpsilonRule, FlatRule, GammaRule,
+                    GeneralizedGammaRule, GlobalResponseNormRule, LayerNormRule, MaxPoolRule, PositionalEmbeddingRule,
+                    ProductRule, SelfAttentionRule, SkipConnectionRule, SumRule, TokenMeanRule, ZBoxRule, ZPlusRule)
 
 CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 AVGPOOL = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
@@ -26,14 +24,15 @@ MAXPOOL = MAXPOOL_TYPES
 
 def _base(conv_rule, linear_rule, epsilon: float, attention_mode: str = "cp") -> dict:
     """The type map shared by all presets. Every stabiliser it assigns is the preset's ``epsilon`` (average,
-    adaptive and global pools, token means, LayerNorm, residual splits); max pooling passes the relevance to its
-    argmax unchanged (:class:`~lrpkit.rules.MaxPoolRule`, no stabiliser), as zennit does. A product of two
-    branches (:class:`~lrpkit.layers.Multiply`: a gated linear unit, a squeeze-excitation gate) holds its gate
-    constant (``ProductRule('gate')``), except in AttnLRP, which splits it uniformly (``ProductRule('uniform')``,
-    Achtibat et al. 2024)."""
+    adaptive and global pools, token means, LayerNorm, ConvNeXt V2's global response norm, residual splits); max
+    pooling passes the relevance to its argmax unchanged (:class:`~lrpkit.rules.MaxPoolRule`, no stabiliser), as
+    zennit does. A product of two branches (:class:`~lrpkit.layers.Multiply`: a gated linear unit, a
+    squeeze-excitation gate) holds its gate constant (``ProductRule('gate')``), except in AttnLRP, which splits it
+    uniformly (``ProductRule('uniform')``, Achtibat et al. 2024)."""
     mapping = {AVGPOOL: EpsilonRule(epsilon), MAXPOOL: MaxPoolRule(), nn.Linear: linear_rule, CONV: conv_rule,
                SelfAttention: SelfAttentionRule(linear_rule, linear_rule, mode=attention_mode, epsilon=epsilon),
                LayerNormalize: LayerNormRule(epsilon), Scale: EpsilonRule(epsilon),
+               GlobalResponseNormalize: GlobalResponseNormRule(epsilon),
                PositionalEmbedding: PositionalEmbeddingRule(epsilon), TokenMean: TokenMeanRule(epsilon),
                SkipConnection: SkipConnectionRule(epsilon), Sum: SumRule(epsilon),
                Multiply: ProductRule("uniform" if attention_mode == "attnlrp" else "gate")}

@@ -9,6 +9,12 @@ The propagation options are explicit arguments of :class:`Tape`:
 - ``stop_after=k``: the reverse loop ends right after the layer with index ``k``; that layer's rule may leave its
   input relevance uncomputed (:meth:`Tape.needed` is False), and :func:`~lrpkit.propagate.backward` returns the
   relevance at the output of the layer where it stopped;
+- ``stop_at=k``: the reverse loop ends at the output of the layer with index ``k``, at any depth, before that
+  layer's rule (or, ``stop_at=(k, site)``, inside the rule at an inner site of it: ``Rule.sites``):
+  :meth:`Tape.backward` returns the relevance there and sets ``reached_stop``. Nothing at or below the layer runs
+  (the rules of the containers around it are left where they hand their branch on), and the records of the layer
+  and of those below it stay on the tape, so that :meth:`Tape.backward_from` can go on from there (CRP: once per concept);
+  observers see no end of the loops it leaves;
 - ``relevance_at``: layer indices whose input relevance is kept (``tape.relevances[k]``), at any depth;
 - ``observers``: objects with ``loop_started(R)``, ``step_passed(step, plan, record, R_out, R_in)`` and
   ``loop_ended(R)`` (the accounting, :class:`lrpkit.accounting.AccountingObserver`; the layerwise relevance).
@@ -35,7 +41,8 @@ def owns_memory(out: torch.Tensor, inp: torch.Tensor) -> bool:
 
 
 class _Recompute:
-    """``layer(record.input)``, evaluated when the reverse loop first reads it."""
+    """``layer(record.input)``, evaluated when the reverse loop first reads it, and left in ``record.output`` too
+    (the output of the layer below, which that layer's rule, next in the loop, would otherwise recompute)."""
 
     __slots__ = ("layer", "record")
 
@@ -44,24 +51,29 @@ class _Recompute:
 
     def __call__(self) -> torch.Tensor:
         with torch.no_grad():
-            return self.layer(self.record.input)
+            out = self.layer(self.record.input)
+        if self.record.output is None:
+            self.record.output = out
+        return out
 
 
 class Tape:
     """One analysis call under ``plan``; see the module docstring for the options."""
 
     def __init__(self, plan: Plan, *, graph_from: int | None = None, stop_after: int | None = None,
-                 relevance_at=(), observers=()):
+                 stop_at: int | tuple[int, str] | None = None, relevance_at=(), observers=()):
         self.plan = plan
-        self.graph_from, self.stop_after = graph_from, stop_after
+        self.graph_from, self.stop_after, self.stop_at = graph_from, stop_after, stop_at
         self.relevance_at = frozenset(relevance_at)
         self.observers = list(observers)
         self.records: dict[int, Record] = {}
         self.handed: dict[str, list] = {}
         self.relevances: dict[int, torch.Tensor] = {}
-        self.stopped = False
+        self.stopped = False  # stop_after
+        self.reached_stop = False  # stop_at
         self._gates: dict[int, torch.Tensor] = {}
         self._below = None  # (step, its input, whether it ran in place): the last step recorded in this branch
+        self._loops = 0  # reverse loops under way (a container's rule runs one per branch inside its own)
 
     # -- the loops, for the analyzer and for container rules ----------------------------------------------------
     def forward(self, steps: list[Step], x: torch.Tensor) -> torch.Tensor:
@@ -69,10 +81,32 @@ class Tape:
         return propagate.forward(steps, x, self)
 
     def backward(self, steps: list[Step], R: torch.Tensor) -> torch.Tensor:
-        """The reverse loop over ``steps`` from ``R`` (:func:`lrpkit.propagate.backward`), observed."""
+        """The reverse loop over ``steps`` from ``R`` (:func:`lrpkit.propagate.backward`), observed; with
+        ``stop_at``, the relevance at the output of that layer."""
         for observer in self.observers:
             observer.loop_started(R)
-        R = propagate.backward(steps, R, self)
+        self._loops += 1
+        try:
+            R = propagate.backward(steps, R, self)
+        except propagate.ReachedStop as stop:
+            if self._loops > 1:
+                raise  # on to the outermost loop, through the rules of the containers around the layer
+            self.reached_stop = True
+            return stop.relevance
+        finally:
+            self._loops -= 1
+        for observer in self.observers:
+            observer.loop_ended(R)
+        return R
+
+    def backward_from(self, steps: list[Step], index: int, R: torch.Tensor, site: str | None = None) -> torch.Tensor:
+        """The reverse loop from ``R`` at the output of the layer with index ``index`` (at any depth of ``steps``;
+        with ``site``, at that inner site of its rule) down to their input, through that layer only
+        (:func:`lrpkit.propagate.backward_from`); the records of the layer and of those below it must be on the tape
+        (a forward pass, or a loop that stopped there)."""
+        for observer in self.observers:
+            observer.loop_started(R)
+        R = propagate.backward_from(steps, index, R, self, site)
         for observer in self.observers:
             observer.loop_ended(R)
         return R
@@ -81,6 +115,12 @@ class Tape:
     def needed(self, step: Step) -> bool:
         """Whether anything reads the relevance at ``step``'s input (False where the loop stops after it)."""
         return step.index != self.stop_after
+
+    def stops_at(self, step: Step, site: str | None = None) -> bool:
+        """Whether the reverse loop ends at ``step``'s output, or at the inner site ``site`` of its rule
+        (``stop_at``; once: a later loop, as :meth:`backward_from` from there, goes through)."""
+        where = step.index if site is None else (step.index, site)
+        return where == self.stop_at and not self.reached_stop
 
     def hand_out(self, step: Step, key: str, value: torch.Tensor) -> None:
         """Give the caller an intermediate result of ``step`` (collected in ``self.handed[key]``)."""
@@ -113,6 +153,24 @@ class Tape:
         rec = self.records.pop(step.index)
         rec.gate = self._gates.pop(step.index, None)
         return rec
+
+    def put_back(self, step: Step, rec: Record) -> None:
+        """Return the record of a container whose rule the stop (``stop_at``) left, gate and all."""
+        self.records[step.index] = rec
+        if rec.gate is not None:
+            self._gates[step.index] = rec.gate
+
+    def skip(self, step: Step) -> None:
+        """A step that :meth:`backward_from` does not run (above the layer it starts at, or a container around it):
+        hand its gate over as :meth:`passed` would and let its records go; nothing for a step already passed."""
+        rec = self.records.pop(step.index, None)
+        self._gates.pop(step.index, None)
+        for branch in step.children:
+            for inner in branch:
+                self.skip(inner)
+        p = self.plan[step.index]
+        if rec is not None and p.gate_to is not None:
+            self._gates[p.gate_to] = rec.input
 
     def passed(self, step: Step, rec: Record, R_out: torch.Tensor, R_in: torch.Tensor | None) -> None:
         """After ``step``'s rule: observers, kept relevances, the gate hand-over, freeing, the stop."""

@@ -16,7 +16,9 @@ class Traits:
 
     - ``graph``: the rule's ``forward`` keeps an autograd graph that ``lrp`` differentiates (e.g. the generic rule
       on a pooling layer).
-    - ``output``: ``lrp`` reads ``record.output``; False lets the recording pass drop it.
+    - ``output``: ``lrp`` reads ``record.output``; False lets the recording pass drop it. (A rule with a
+      recomputable output may still find it there in the reverse loop: the tape leaves the input it recomputed for
+      the layer above in the record below as its output.)
     - ``lazy_input``: ``lrp`` may find ``record.input`` recomputed from the layer below (its output recomputed
       from its own recorded input) instead of kept.
     - ``output_recomputable``: the layer's output is cheap to recompute from its input (element-wise layers).

@@ -79,23 +79,11 @@ def rule_lrp():
 
 @pytest.fixture(scope="session")
 def randomize_bn():
-    """``randomize_bn(model, generator)``: non-trivial running statistics and affine parameters for every BatchNorm,
-    so that BatchNorm fusion is really exercised (default statistics are the identity)."""
+    """``randomize_bn(model, seed)``: non-trivial running statistics and affine parameters for every BatchNorm,
+    so that BatchNorm fusion is really exercised (:func:`helpers.randomize_bn`)."""
+    from helpers import randomize_bn
 
-    def run(model, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for m in model.modules():
-                if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                    n = m.num_features
-                    m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-                    m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
-                    if m.affine:
-                        m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                        m.bias.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
-        return model
-
-    return run
+    return randomize_bn
 
 
 # One intra-op thread: the test models are tiny, and on a shared machine with few cores torch's thread pool spends

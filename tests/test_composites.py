@@ -8,7 +8,7 @@ import lrpkit
 from lrpkit import rules
 from lrpkit.composites import (Composite, FirstLayerMap, FirstLayerTypeMap, GlobalMap, GlobalTypeMap, LastLayerMap,
                                LastLayerTypeMap, NameMap, RangeMap, RangeTypeMap)
-from lrpkit.layers import Chain, SkipConnection
+from lrpkit.layers import Chain, SkipConnection, Sum
 
 EPS, GAMMA, FLAT, ZBOX = rules.EpsilonRule(), rules.GammaRule(), rules.FlatRule(), rules.ZBoxRule(0.0, 1.0)
 
@@ -120,6 +120,31 @@ def test_containers_are_numbered_depth_first():
     other = lrpkit.LRP(chain, Composite(GlobalTypeMap({SkipConnection: rules.SkipConnectionRule(10.0)})))(
         x, target=0).relevance
     assert not torch.allclose(default, other)
+
+
+def test_end_layer_maps_follow_the_containers():
+    torch.manual_seed(0)
+
+    def linear():
+        return nn.Linear(3, 3)
+
+    # 0 Sum: branch 0 = 1 Linear, 2 SkipConnection(3 Linear); branch 1 = 4 Sum(5 Linear | 6 Linear), 7 Linear
+    chain = Chain([Sum(Chain([linear(), SkipConnection(Chain([linear()]))]),
+                       Chain([Sum(Chain([linear()]), Chain([linear()])), linear()]))]).eval()
+    assert [s.path for s in Composite().assign(chain)] == [
+        "0", "0.branch0.0", "0.branch0.1", "0.branch0.1.inner.0", "0.branch1.0", "0.branch1.0.branch0.0",
+        "0.branch1.0.branch1.0", "0.branch1.1"]
+    # the first and the last layer sit in branches of the outer Sum: the first (last) layer of each branch, the
+    # last one of branch 0 inside a skip connection (whose inner chain is not a branch beside another)
+    assert assigned(Composite(FirstLayerMap(FLAT)), chain) == {1: FLAT, 5: FLAT}
+    assert assigned(Composite(LastLayerMap(EPS)), chain) == {3: EPS, 7: EPS}
+    # 0 Sum: branch 0 = 1 Linear; branch 1 = 2 Linear, 3 Sum(4 Linear | 5 Linear): the last layer sits in the
+    # inner Sum, so the last layer of each of its branches
+    chain = Chain([Sum(Chain([linear()]), Chain([linear(), Sum(Chain([linear()]), Chain([linear()]))]))]).eval()
+    assert assigned(Composite(LastLayerTypeMap({nn.Linear: GAMMA})), chain) == {4: GAMMA, 5: GAMMA}
+    # a skip connection alone: its first layer only
+    chain = Chain([SkipConnection(Chain([linear(), linear()])), linear()]).eval()
+    assert assigned(Composite(FirstLayerMap(FLAT)), chain) == {1: FLAT}
 
 
 def test_table(chain):

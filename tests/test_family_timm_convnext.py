@@ -21,12 +21,12 @@ from timm.layers.grn import GlobalResponseNorm
 from timm.models.convnext import ConvNeXt
 
 import lrpkit
-from lrpkit import Composite, GlobalMap, GlobalTypeMap, presets
+from lrpkit import Composite, GlobalTypeMap, presets
 from lrpkit.canonize import CanonizationError
 from lrpkit.families import family_of
 from lrpkit.layers import GlobalResponseNormalize, LayerNormalize, Permute, Scale, SkipConnection, Sum
-from lrpkit.rules import (EpsilonRule, GlobalResponseNormRule, LayerNormRule, PermuteRule, SkipConnectionRule,
-                          SumRule)
+from lrpkit.rules import EpsilonRule, GlobalResponseNormRule, LayerNormRule, PermuteRule
+from helpers import assert_batch_independent, assert_finite, cnn_presets, edge_inputs, epsilon_everywhere
 
 SMALL = dict(depths=(1, 2, 1, 1), dims=(8, 16, 24, 32), num_classes=5)
 
@@ -286,13 +286,6 @@ def reference_relevance(model, x):
     return x * grad, target
 
 
-def epsilon_everywhere(epsilon):
-    """LRP-ε on every layer with parameters or pooling, and the containers' / norms' stabilisers at ε too."""
-    return Composite(GlobalMap(EpsilonRule(epsilon)), GlobalTypeMap({
-        SkipConnection: SkipConnectionRule(epsilon), Sum: SumRule(epsilon), LayerNormalize: LayerNormRule(epsilon),
-        GlobalResponseNormalize: GlobalResponseNormRule(epsilon)}))
-
-
 REFERENCE_CONFIGS = ["v1-linear-mlp", "v1-conv-mlp", "v2-grn-linear", "v2-grn-conv", "overlap-stem+head-mlp",
                      "head-norm-first+max-pool", "relu+tiered-stem"]
 
@@ -323,13 +316,7 @@ def test_named_v2_model_equals_the_reference():
 
 # -- presets, batches, edge inputs ----------------------------------------------------------------------------------
 
-PRESETS = {
-    "EpsilonPlus": presets.EpsilonPlus,
-    "EpsilonPlusFlat": presets.EpsilonPlusFlat,
-    "EpsilonAlpha2Beta1": presets.EpsilonAlpha2Beta1,
-    "EpsilonAlpha2Beta1Flat": presets.EpsilonAlpha2Beta1Flat,
-    "EpsilonGammaBox": lambda: presets.EpsilonGammaBox(-3.0, 3.0),
-}
+PRESETS = cnn_presets(-3.0, 3.0)
 
 
 CONV_RULE = {"EpsilonPlus": "ZPlusRule", "EpsilonPlusFlat": "ZPlusRule", "EpsilonAlpha2Beta1": "AlphaBetaRule",
@@ -366,23 +353,28 @@ def test_presets_run_on_depthwise_convolutions(preset, config):
         assert type(first.rule).__name__ == "ZBoxRule"
 
 
+@pytest.mark.parametrize("preset", ["EpsilonPlus", "EpsilonPlusFlat", "EpsilonAlpha2Beta1", "EpsilonAlpha2Beta1Flat",
+                                    "EpsilonGammaBox", "CPLRP", "AttnLRP"])
+def test_presets_give_the_norms_their_epsilon(preset):
+    """GRN, LayerNorm and the affine Scales of a ConvNeXt V2 get the preset's ε, not a registered default's."""
+    make = getattr(presets, preset)
+    composite = make(-3.0, 3.0, epsilon=0.01) if preset == "EpsilonGammaBox" else make(epsilon=0.01)
+    slots = composite.assign(lrpkit.canonize(small_convnext("v2-grn-linear")))
+    norms = {kind: [s.rule for s in slots if isinstance(s.layer, kind)]
+             for kind in (GlobalResponseNormalize, LayerNormalize, Scale)}
+    assert all(norms.values())
+    assert all(isinstance(r, GlobalResponseNormRule) and r.epsilon == 0.01 for r in norms[GlobalResponseNormalize])
+    assert all(isinstance(r, LayerNormRule) and r.epsilon == 0.01 for r in norms[LayerNormalize])
+    assert all(isinstance(r, EpsilonRule) and r.epsilon == 0.01 for r in norms[Scale])
+
+
 def test_batch_independence():
-    model = small_convnext("v2-grn-linear")
-    x = image(3)
-    lrp = lrpkit.LRP(model, presets.EpsilonPlusFlat())
-    batch = lrp(x).relevance
-    single = torch.cat([lrp(x[i:i + 1]).relevance for i in range(3)])
-    assert torch.allclose(batch, single, rtol=1e-4, atol=1e-6 * single.abs().max())
+    assert_batch_independent(lrpkit.LRP(small_convnext("v2-grn-linear"), presets.EpsilonPlusFlat()), image(3))
 
 
 @pytest.mark.parametrize("preset", ["EpsilonPlusFlat", "EpsilonGammaBox", "EpsilonAlpha2Beta1"])
 def test_finite_for_edge_inputs(preset):
-    model = small_convnext("v2-grn-conv")
-    x = image(1)
-    batch = torch.cat([torch.zeros_like(x), torch.full_like(x, 0.7), x * 1e4, x * 1e-6, x])
-    e = lrpkit.LRP(model, PRESETS[preset]())(batch)
-    assert torch.isfinite(e.relevance).all()
-    assert all(torch.isfinite(v).all() for v in e.accounting.parts.values())
+    assert_finite(lrpkit.LRP(small_convnext("v2-grn-conv"), PRESETS[preset]())(edge_inputs(image(1))))
 
 
 # -- the command line -----------------------------------------------------------------------------------------------

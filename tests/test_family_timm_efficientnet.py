@@ -22,9 +22,11 @@ from lrpkit import presets
 from lrpkit.canonize import CanonizationError
 from lrpkit.families import family_of
 from lrpkit.families.timm_efficientnet import SamePadConv2d
-from lrpkit.layers import Multiply, SkipConnection, Sum
-from lrpkit.rules import (AlphaBetaRule, EpsilonRule, FlatRule, PassRule, ProductRule, SkipConnectionRule, SumRule,
-                          ZBoxRule, ZPlusRule)
+from lrpkit.layers import Multiply, SkipConnection
+from lrpkit.rules import (AlphaBetaRule, EpsilonRule, FlatRule, PassRule, ProductRule, SkipConnectionRule, ZBoxRule,
+                          ZPlusRule)
+from helpers import (assert_batch_independent, assert_finite, cnn_presets, edge_inputs, epsilon_everywhere,
+                     randomize_bn)
 
 timm = pytest.importorskip("timm")
 from timm.layers import get_act_layer  # noqa: E402
@@ -34,20 +36,6 @@ from timm.models._efficientnet_blocks import SqueezeExcite  # noqa: E402
 from timm.models._efficientnet_builder import decode_arch_def, round_channels  # noqa: E402
 from timm.models.efficientnet import EfficientNet  # noqa: E402
 from timm.models.mobilenetv3 import MobileNetV3  # noqa: E402
-
-
-def randomize_bn(model, seed=0):
-    """Non-trivial running statistics and affine parameters in every BatchNorm (BatchNormAct2d included)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm):
-                n = m.num_features
-                m.running_mean.copy_(torch.rand(n, generator=g) - 0.5)
-                m.running_var.copy_(torch.rand(n, generator=g) * 1.5 + 0.5)
-                m.weight.copy_(torch.rand(n, generator=g) + 0.5)
-                m.bias.copy_(torch.rand(n, generator=g) * 0.4 - 0.2)
-    return model
 
 
 def named(name, dtype=torch.float32, seed=0, **kw):
@@ -264,14 +252,10 @@ def test_presets_give_activations_passing_and_gates_gate_mode(preset):
 
 def degenerate_inputs(size=48):
     torch.manual_seed(1)
-    x = torch.randn(1, 3, size, size)
-    return torch.cat([torch.zeros_like(x), torch.full_like(x, 0.7), x * 1e4, x * 1e-6, x])
+    return edge_inputs(torch.randn(1, 3, size, size))
 
 
-PRESETS = {"EpsilonPlus": presets.EpsilonPlus, "EpsilonPlusFlat": presets.EpsilonPlusFlat,
-           "EpsilonAlpha2Beta1": presets.EpsilonAlpha2Beta1, "EpsilonAlpha2Beta1Flat": presets.EpsilonAlpha2Beta1Flat,
-           "EpsilonGammaBox": lambda: presets.EpsilonGammaBox(-3.0, 3.0),
-           "epsilon": lambda: lrpkit.Composite(lrpkit.GlobalMap(EpsilonRule()))}
+PRESETS = {**cnn_presets(-3.0, 3.0), "epsilon": lambda: lrpkit.Composite(lrpkit.GlobalMap(EpsilonRule()))}
 
 
 @pytest.fixture(scope="module")
@@ -285,8 +269,7 @@ def small_models():
 def test_presets_run_and_are_finite_on_edge_inputs(name, preset, small_models):
     model = small_models[name]
     e = lrpkit.LRP(model, PRESETS[preset]())(degenerate_inputs(47 if name.startswith("tf_") else 48))
-    assert torch.isfinite(e.relevance).all()
-    assert all(torch.isfinite(v).all() for v in e.accounting.parts.values())
+    assert_finite(e)
     assert torch.allclose(e.accounting.total(), e.accounting.output, rtol=1e-3, atol=1e-3)
     assert not e.relevance[0].any() or preset in ("EpsilonPlusFlat", "EpsilonAlpha2Beta1Flat", "EpsilonGammaBox")
 
@@ -408,11 +391,6 @@ def reference_relevance(model, x):
     return x * grad, target
 
 
-def epsilon_everywhere(eps):
-    return lrpkit.Composite(lrpkit.GlobalMap(EpsilonRule(eps)),
-                            lrpkit.GlobalTypeMap({SkipConnection: SkipConnectionRule(eps), Sum: SumRule(eps)}))
-
-
 REFERENCE = {"efficientnet_b0": 48, "tf_efficientnet_b0": 47, "tf_efficientnet_lite0": 45,
              "mobilenetv3_small_100": 45, "mobilenetv3_large_100": 48}
 
@@ -466,10 +444,7 @@ def test_user_model_untouched():
 def test_batch_equals_single_samples(name, small_models):
     model = small_models.get(name) or named(name)
     x = torch.randn(3, 3, 45, 45)
-    lrp = lrpkit.LRP(model)
-    batch = lrp(x, target=[1, 2, 3]).relevance
-    for i in range(3):
-        torch.testing.assert_close(batch[i:i + 1], lrp(x[i:i + 1], target=i + 1).relevance, rtol=1e-4, atol=1e-6)
+    assert_batch_independent(lrpkit.LRP(model), x, target=torch.tensor([1, 2, 3]))
 
 
 # -- unsupported options -------------------------------------------------------------------------------------------

@@ -17,7 +17,8 @@ import lrpkit
 from lrpkit import presets, rules
 from lrpkit.canonize import CanonizationError
 from lrpkit.families import family_of
-from lrpkit.layers import Multiply, SkipConnection, Sum
+from lrpkit.layers import Multiply
+from helpers import assert_batch_independent, assert_finite, cnn_presets, edge_inputs, epsilon_everywhere
 from reference_cnn import max_relative_error, reference_relevance
 
 SMALL = dict(layers=[1, 1, 1, 1])
@@ -146,12 +147,6 @@ def test_batchnorm_act_is_refused_not_fused_without_its_activation():
 
 # -- the ε → 0 reference ----------------------------------------------------------------------------------------------
 
-def epsilon_everywhere(epsilon):
-    return lrpkit.Composite(lrpkit.GlobalMap(rules.EpsilonRule(epsilon)),
-                            lrpkit.GlobalTypeMap({SkipConnection: rules.SkipConnectionRule(epsilon),
-                                                  Sum: rules.SumRule(epsilon), Multiply: rules.ProductRule("gate")}))
-
-
 @pytest.mark.parametrize("composite", ["epsilon-everywhere", "CPLRP"])
 @pytest.mark.parametrize("config", ["resnet18", "seresnext26d_32x4d", "ecaresnet26t", "ecam", "resnetblur18",
                                     "resnetaa50d", "max-pool-head", "silu"])
@@ -171,14 +166,7 @@ def test_lrp_epsilon_limit_is_gradient_times_input_of_the_detached_model(config,
 
 # -- presets, batches, the user's model, edge inputs -------------------------------------------------------------------
 
-PRESETS = {
-    "EpsilonPlus": presets.EpsilonPlus,
-    "EpsilonPlusFlat": presets.EpsilonPlusFlat,
-    "EpsilonAlpha2Beta1": presets.EpsilonAlpha2Beta1,
-    "EpsilonAlpha2Beta1Flat": presets.EpsilonAlpha2Beta1Flat,
-    "EpsilonGammaBox": lambda: presets.EpsilonGammaBox(-4.0, 4.0),
-    "CPLRP": presets.CPLRP,
-}
+PRESETS = {**cnn_presets(-4.0, 4.0), "CPLRP": presets.CPLRP}
 
 
 @pytest.fixture(scope="module")
@@ -206,12 +194,7 @@ def test_default_composite_is_epsilon_plus_flat_and_conserves_through_the_gates(
 
 
 def test_batch_equals_single_samples(senext):
-    x = image(3)
-    lrp = lrpkit.LRP(senext, presets.EpsilonPlusFlat())
-    batch = lrp(x, target=torch.tensor([1, 4, 7])).relevance
-    for i, t in enumerate((1, 4, 7)):
-        single = lrp(x[i:i + 1], target=t).relevance
-        torch.testing.assert_close(batch[i:i + 1], single, rtol=1e-4, atol=1e-6 * single.abs().max().item())
+    assert_batch_independent(lrpkit.LRP(senext, presets.EpsilonPlusFlat()), image(3), target=torch.tensor([1, 4, 7]))
 
 
 def test_the_users_model_is_untouched(randomize_bn):
@@ -232,10 +215,7 @@ def test_the_users_model_is_untouched(randomize_bn):
 
 @pytest.mark.parametrize("preset", ["EpsilonPlusFlat", "EpsilonGammaBox", "CPLRP"])
 def test_finite_for_zeros_constants_and_extremes(senext, preset):
-    x = image(1)
-    x = torch.cat([torch.zeros_like(x), torch.full_like(x, 0.7), x * 1e4, x * 1e-6, x])
-    e = lrpkit.LRP(senext, PRESETS[preset]())(x)
-    assert torch.isfinite(e.relevance).all()
+    assert_finite(lrpkit.LRP(senext, PRESETS[preset]())(edge_inputs(image(1))))
 
 
 # -- command line -----------------------------------------------------------------------------------------------------

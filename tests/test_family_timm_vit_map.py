@@ -19,7 +19,6 @@ from functools import partial
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from safetensors.torch import save_file
 from timm.layers import AttentionPoolLatent
 from timm.models.vision_transformer import VisionTransformer
@@ -29,8 +28,7 @@ import lrpkit
 from lrpkit import Composite, GlobalTypeMap, presets
 from lrpkit.canonize import CanonizationError
 from lrpkit.families import family_of
-from lrpkit.layers import (AttentionPool, Chain, LayerNormalize, SelectClassToken, SelfAttention, SkipConnection,
-                           TokenMean)
+from lrpkit.layers import AttentionPool, Chain, SelectClassToken, SelfAttention, SkipConnection, TokenMean
 from lrpkit.rules import (AttentionPoolRule, EpsilonRule, FlatRule, GammaRule, SelectClassTokenRule,
                           SkipConnectionRule, TokenMeanRule, ZBoxRule)
 

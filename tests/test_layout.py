@@ -117,7 +117,7 @@ def test_python_m_lrpkit_cli_and_the_console_script():
     done = subprocess.run([sys.executable, "-m", "lrpkit.cli", "--help"], capture_output=True, text=True, cwd=ROOT,
                           timeout=300)
     assert done.returncode == 0, done.stderr
-    assert "{demo,explain,evaluate}" in done.stdout
+    assert "{demo,explain,evaluate,concepts}" in done.stdout
     (script,) = [e for e in entry_points(group="console_scripts") if e.name == "lrpkit"]
     assert script.value == "lrpkit.app.cli:main"
     assert script.load() is lrpkit.app.cli.main

@@ -106,6 +106,27 @@ def test_the_plan_changes_no_result(model_name, composite):
         torch.testing.assert_close(a.accounting.parts[key], b.accounting.parts[key], rtol=1e-5, atol=1e-6)
 
 
+def test_a_recomputed_input_is_the_output_of_the_layer_below():
+    """LayerNorm → its affine Scale → Linear (a transformer's MLP): neither the LayerNorm's nor the Scale's output is
+    kept; the reverse loop recomputes the Linear's input, which is the Scale's output, and the Scale's rule finds it
+    in its record instead of computing it a third time."""
+    from lrpkit.layers import Chain, LayerNormalize, Scale
+
+    torch.manual_seed(0)
+    chain = Chain([nn.Linear(4, 6), LayerNormalize(), Scale(torch.rand(6) + 0.5, torch.rand(6)),
+                   nn.Linear(6, 3)]).eval()
+    lrp = lrpkit.LRP(chain, _eps())
+    norm, scale, top = (lrp.plan[s.index] for s in lrp.steps[1:])
+    assert (norm.keep_output, scale.keep_output, scale.lazy_input, top.lazy_input) == (False, False, True, True)
+    calls = []
+    for step in lrp.steps[1:3]:
+        step.layer.register_forward_hook(lambda module, inputs, output: calls.append(type(module).__name__))
+    e = lrp(torch.randn(2, 4))
+    # the recording pass, and one recomputation each
+    assert sorted(calls) == ["LayerNormalize", "LayerNormalize", "Scale", "Scale"]
+    assert e.relevance.abs().sum() > 0
+
+
 def test_a_wrong_gate_would_be_seen():
     """The equality above can fail: gating a layer whose relevance does not vanish where z ≤ 0 (LRP-flat above
     the ReLU spreads relevance onto zero inputs) divides by ε there instead of by z − ε."""

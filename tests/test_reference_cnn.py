@@ -14,15 +14,8 @@ from torch import nn
 
 import lrpkit
 from lrpkit import presets, rules
-from lrpkit.layers import Multiply, SkipConnection, Sum
+from helpers import epsilon_everywhere
 from reference_cnn import max_relative_error, reference_relevance
-
-
-def epsilon_everywhere(epsilon):
-    """LRP-ε on every Linear/Conv/pool layer and on the residual splits."""
-    return lrpkit.Composite(lrpkit.GlobalMap(rules.EpsilonRule(epsilon)),
-                            lrpkit.GlobalTypeMap({SkipConnection: rules.SkipConnectionRule(epsilon),
-                                                  Sum: rules.SumRule(epsilon), Multiply: rules.ProductRule("gate")}))
 
 
 COMPOSITES = {"CPLRP": lambda eps: presets.CPLRP(epsilon=eps), "epsilon-everywhere": epsilon_everywhere}

@@ -42,6 +42,15 @@ def test_a_hook_set_on_an_instance_is_honoured():
     assert not torch.allclose(by_instance, plain)  # the hook changed the result: it was not ignored
 
 
+def test_what_a_rule_modifies_follows_its_hooks_as_they_are_set_and_removed():
+    rule = EpsilonRule()
+    assert not rule.modifies_input and rule.traits(nn.Linear(2, 2)).uses_gate  # asked once: the answer is kept
+    rule.modify_input = lambda a: a.clamp(min=0)
+    assert rule.modifies_input and not rule.traits(nn.Linear(2, 2)).uses_gate
+    del rule.modify_input
+    assert not rule.modifies_input and rule.traits(nn.Linear(2, 2)).uses_gate
+
+
 def test_the_denominator_hook_on_an_instance_is_honoured():
     rule = EpsilonRule()
     rule.modify_denominator = lambda z: z + 100.0  # a huge stabiliser: almost nothing gets through

@@ -6,6 +6,7 @@ from torch import nn
 
 import lrpkit
 from lrpkit.plan import Plan
+from lrpkit.rules.base import divide
 from lrpkit.tape import Tape
 
 
@@ -66,3 +67,43 @@ def test_hand_outs_and_the_plan_table():
     table = lrp.plan.table()
     assert len(table.splitlines()) == len(lrp.all_steps)
     assert "gated" in table and "drops_output" in table  # Linear → ReLU → Linear with ε
+
+
+def test_stop_at_ends_at_a_nested_layers_output_and_backward_from_goes_on_through_it_only():
+    lrp = lrpkit.LRP(model())  # the nested Sequential is flattened: layer 4 is the block's second Linear
+    expl = lrp(X, layerwise=True)
+    tape, R = run(lrp, X, stop_at=lrp.steps[4].index)
+    assert tape.reached_stop and torch.equal(R, expl.layerwise[5])  # the relevance at its output
+    assert set(tape.records) == {s.index for s in lrp.steps[:5]}  # it and those below it keep their records
+    R_in = tape.backward_from(lrp.steps, lrp.steps[4].index, R)
+    torch.testing.assert_close(R_in, expl.relevance, rtol=1e-12, atol=0)  # on the main path: plain LRP
+
+
+def test_stop_at_inside_a_residual_connection_leaves_its_rule_and_the_identity_path():
+    torch.manual_seed(0)
+    inner = lrpkit.Chain([nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)], ["f.0", "f.1", "f.2"])
+    chain = lrpkit.Chain([nn.Linear(4, 4), lrpkit.SkipConnection(inner), nn.Linear(4, 3)], ["a", "f", "b"])
+    chain = chain.double().eval()
+    lrp = lrpkit.LRP(chain)
+    skip, head = lrp.steps[1], lrp.steps[2]
+    last = skip.children[0][-1]
+    # stopped at the inner chain's output: the residual split's share f(a) ⊙ R_y / stab(y) (y = a + f(a))
+    tape, R_f = run(lrp, X, stop_at=last.index)
+    full, R_full = run(lrp, X, relevance_at={head.index})
+    with torch.no_grad():
+        a = chain[0](X)
+        f, y = inner(a), a + inner(a)
+    s = full.relevances[head.index] / (y + 1e-6 * torch.where(y >= 0, 1.0, -1.0))
+    assert tape.reached_stop
+    torch.testing.assert_close(R_f, f * s, rtol=1e-9, atol=1e-15)
+    # from there through f and the layers below the connection; the identity path a ⊙ s is left out
+    R_in = tape.backward_from(lrp.steps, last.index, R_f)
+    around = lrpkit.LRP(chain, lrpkit.Composite(*lrp.composite.primitives, lrpkit.NameMap({"f": AroundTheBranch()})))
+    torch.testing.assert_close(R_in + around(X).relevance, R_full, rtol=1e-10, atol=1e-15)
+
+
+class AroundTheBranch(lrpkit.rules.SkipConnectionRule):
+    """Only the identity path of ``y = a + f(a)``: ``R_a = a ⊙ R / stab(y)``."""
+
+    def lrp(self, step, rec, R, tape):
+        return rec.extras["summands"][0] * divide(R, rec.output, self.epsilon)

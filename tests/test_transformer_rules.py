@@ -141,6 +141,24 @@ def test_layer_norm_rule_by_hand():
     assert e.accounting.input.item() == pytest.approx(10)
 
 
+def test_layer_norm_sigma_below_float64_is_torchs():
+    # x = [1, 1, 5, 5]: μ = 3, Var = (4 + 4 + 4 + 4) / 4 = 4, σ = sqrt(4 + eps) = sqrt(4.25) for eps = 0.25
+    sigma = LayerNormalize(eps=0.25).sigma(torch.tensor([[1.0, 1.0, 5.0, 5.0]]))
+    assert sigma.dtype == torch.float32 and sigma.item() == pytest.approx(math.sqrt(4.25), rel=1e-7)
+    # below float64 the variance is accumulated in float64 by the two-pass formula; rounded to float32 it is the
+    # value of torch's var (Welford in float64), bit for bit on rows like these (channels last or first, and a
+    # channels-last memory layout as in a timm ConvNeXt)
+    torch.manual_seed(0)
+    maps = torch.randn(2, 96, 9, 9) * 3 + 1
+    channels_last = maps.contiguous(memory_format=torch.channels_last)
+    for dim, x in ((-1, torch.randn(64, 7, 96) * 3 + 1), (1, maps), (1, channels_last)):
+        expected = torch.sqrt(x.var(dim, unbiased=False, keepdim=True) + 1e-6)
+        assert torch.equal(LayerNormalize(eps=1e-6, dim=dim).sigma(x), expected)
+    # float64 is torch's var itself
+    x = torch.randn(5, 33, dtype=D) * 1e4 + 1e8
+    assert torch.equal(LayerNormalize(eps=1e-6).sigma(x), torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + 1e-6))
+
+
 def test_layer_norm_rule_is_gradient_times_input_with_sigma_constant_and_conserves():
     # with R = y ⊙ g (what LRP-ε delivers in the ε → 0 limit), R_x = x ⊙ ∂(y·g)/∂x with σ detached
     torch.manual_seed(0)

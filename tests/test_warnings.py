@@ -69,7 +69,8 @@ def test_every_exported_explainer_is_enumerated():
 
 @pytest.mark.parametrize("cls", explainer_classes(), ids=lambda cls: cls.__name__)
 def test_the_training_mode_warning_of_every_method_names_the_callers_line(cls, models):
-    model = models["vit"] if cls.needs_attention else models["cnn"]
+    # ViT-CX needs a transformer (self-attention layers) but not global attention (it runs on Swin too)
+    model = models["vit"] if cls.needs_attention or cls is methods.ViTCX else models["cnn"]
     line, caught = here(), recorded(lambda: cls(model))
     (w,) = training_warnings(caught)
     assert (w.filename, w.lineno) == (__file__, line), f"{cls.__name__}'s warning points at {w.filename}:{w.lineno}"

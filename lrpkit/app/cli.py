@@ -1,4 +1,4 @@
-"""The ``lrpkit`` command line: ``lrpkit demo``, ``lrpkit explain``, ``lrpkit evaluate``.
+"""The ``lrpkit`` command line: ``lrpkit demo``, ``lrpkit explain``, ``lrpkit evaluate``, ``lrpkit concepts``.
 
 Each subcommand lives in its own module under :mod:`lrpkit.commands`. Errors the user can fix (a missing file,
 a folder that cannot be written, an unknown model name, weights that do not fit) are printed as one line,
@@ -11,7 +11,7 @@ import argparse
 import importlib
 import sys
 
-COMMANDS = ("demo", "explain", "evaluate")
+COMMANDS = ("demo", "explain", "evaluate", "concepts")
 
 
 class UsageError(Exception):

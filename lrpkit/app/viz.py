@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = ["to_heatmap", "scale_relevance", "relevance_to_rgb", "overlay", "upsample_tokens", "save_png",
-           "plot_grid"]
+           "plot_grid", "concept_panels", "concept_grid"]
 
 # An odd number of colour-map entries puts the exact centre colour at r̂ = 0.
 _LUT = 255
@@ -183,6 +183,115 @@ def plot_grid(images: torch.Tensor, heatmaps: Mapping[str, torch.Tensor], path: 
                 ax.set_title(name, fontsize=9)
         if row_titles is not None:
             axes[i, 0].set_ylabel(row_titles[i], fontsize=8)
+    fig.tight_layout()
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=dpi, format="png")
+    return path
+
+
+def _rows(items, name: str) -> list[list]:
+    """K rows of n items from a (K, n, ...) tensor or a sequence of sequences."""
+    if isinstance(items, torch.Tensor):
+        return [list(row) for row in items]
+    try:
+        return [list(row) for row in items]
+    except TypeError:
+        raise TypeError(f"{name} must be a (K, n, ...) tensor or K sequences of tensors, got "
+                        f"{type(items).__name__}") from None
+
+
+def _cell(image: torch.Tensor, relevance: torch.Tensor | None, box, alpha: float, cmap: str,
+          percentile: float) -> torch.Tensor:
+    """One panel (3, h, w): the image, its crop ``box`` = (y0, x0, y1, x1), the heatmap over it."""
+    image = image.detach().float().cpu()
+    if image.dim() != 3 or image.shape[0] != 3:
+        raise ValueError(f"an image must be (3, H, W) in [0, 1], got shape {tuple(image.shape)}")
+    if relevance is not None:
+        relevance = to_heatmap(relevance.detach().float().cpu()[None])[0] if relevance.dim() == 3 else \
+            relevance.detach().float().cpu()
+        if relevance.shape != image.shape[1:]:
+            raise ValueError(f"a heatmap of shape {tuple(relevance.shape)} does not fit its image "
+                             f"{tuple(image.shape)}")
+    if box is not None:
+        y0, x0, y1, x1 = (int(v) for v in box)
+        image = image[:, y0:y1, x0:x1]
+        relevance = None if relevance is None else relevance[y0:y1, x0:x1]
+    return image if relevance is None else overlay(image, relevance, alpha=alpha, cmap=cmap, percentile=percentile)
+
+
+def concept_panels(references=None, *, heatmaps=None, boxes=None, image: torch.Tensor | None = None,
+                   image_heatmaps: torch.Tensor | None = None, alpha: float = 0.7, cmap: str = "bwr",
+                   percentile: float = 99.5) -> list[list[torch.Tensor]]:
+    """The panels of :func:`concept_grid`, one row per concept: ``[overlay of the image's heatmap of the concept,
+    reference 1, ..., reference n]`` (each (3, h, w) in [0, 1]).
+
+    ``references``: K rows of n reference images (3, H, W) in [0, 1], a (K, n, 3, H, W) tensor, or None;
+    ``heatmaps``: their conditional heatmaps, (H, W) or (C, H, W) each (summed over channels), or None;
+    ``boxes``: (K, n, 4) crop boxes ``(y0, x0, y1, x1)`` cut out of references and heatmaps (the boxes of
+    :class:`lrpkit.crp.ReferenceSamples`), or None for uncropped; ``image`` (3, H, W) and ``image_heatmaps``
+    (K, H, W) or (K, C, H, W): the explained image and the conditional heatmap of each concept on it (the
+    first column), or None. Each heatmap is scaled on its own (symmetric, at ``percentile``; :func:`overlay`)."""
+    rows = _rows(references, "references") if references is not None else None
+    lead = None
+    if image_heatmaps is not None:
+        if image is None:
+            raise ValueError("image_heatmaps needs the image they explain (image=...)")
+        lead = [_cell(image, h, None, alpha, cmap, percentile) for h in image_heatmaps]
+    if rows is None and lead is None:
+        raise ValueError("give reference images, or an image and its concept heatmaps, or both")
+    count = len(rows) if rows is not None else len(lead)
+    if rows is not None and lead is not None and len(rows) != len(lead):
+        raise ValueError(f"{len(lead)} concept heatmaps of the image but {len(rows)} rows of references")
+    heat = _rows(heatmaps, "heatmaps") if heatmaps is not None else None
+    cut = _rows(boxes, "boxes") if boxes is not None else None
+    panels = []
+    for r in range(count):
+        row = [lead[r]] if lead is not None else []
+        for j, ref in enumerate(rows[r] if rows is not None else []):
+            rel = heat[r][j] if heat is not None else None
+            row.append(_cell(ref, rel, cut[r][j] if cut is not None else None, alpha, cmap, percentile))
+        panels.append(row)
+    return panels
+
+
+def concept_grid(references=None, path: str | Path = "concepts.png", *, heatmaps=None, boxes=None,
+                 image: torch.Tensor | None = None, image_heatmaps: torch.Tensor | None = None,
+                 row_titles: list[str] | None = None, column_titles: list[str] | None = None, alpha: float = 0.7,
+                 cmap: str = "bwr", percentile: float = 99.5, cell_size: float = 1.4, dpi: int = 100) -> Path:
+    """Save a PNG of concepts × reference samples: one row per concept, its reference crops with their conditional
+    heatmaps over them (and, first, the concept's conditional heatmap on an explained image). Panels as
+    :func:`concept_panels` (same arguments); ``row_titles``: one label per concept (e.g. the channel and its share
+    of the relevance); ``column_titles``: one per column. Crops keep their own size and aspect. Returns the path.
+
+    Reference: Achtibat et al. 2023, "From attribution maps to human-understandable explanations through Concept
+    Relevance Propagation", Nature Machine Intelligence 5 (the concept × reference-sample figures)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    panels = concept_panels(references, heatmaps=heatmaps, boxes=boxes, image=image, image_heatmaps=image_heatmaps,
+                            alpha=alpha, cmap=cmap, percentile=percentile)
+    k, ncol = len(panels), max(len(row) for row in panels)
+    if row_titles is not None and len(row_titles) != k:
+        raise ValueError(f"row_titles has {len(row_titles)} entries for {k} concepts")
+    if column_titles is not None and len(column_titles) != ncol:
+        raise ValueError(f"column_titles has {len(column_titles)} entries for {ncol} columns")
+    fig = Figure(figsize=(cell_size * ncol + 0.6, cell_size * k + 0.3))
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(k, ncol, squeeze=False)
+    for r, row in enumerate(panels):
+        for j in range(ncol):
+            ax = axes[r, j]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if j < len(row):
+                ax.imshow(_hwc(row[j]), interpolation="nearest")
+            else:
+                ax.axis("off")
+            if r == 0 and column_titles is not None:
+                ax.set_title(column_titles[j], fontsize=8)
+        if row_titles is not None:
+            axes[r, 0].set_ylabel(row_titles[r], fontsize=8)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -91,6 +91,18 @@ def family_of(model: nn.Module) -> Family:
     return GENERIC
 
 
+def preset_composite(name: str) -> Callable:
+    """A family's ``composite``: ``fn(chain)`` that returns the preset ``name`` of :mod:`lrpkit.presets` with its
+    default arguments, e.g. ``Family(..., composite=preset_composite("EpsilonPlusFlat"))``. (The presets are
+    looked up when it is called: they import the rules, which need the layers that the family modules build.)"""
+    def composite(chain):
+        from .. import presets
+        return getattr(presets, name)()
+
+    composite.__name__ = composite.__qualname__ = f"preset_composite({name!r})"
+    return composite
+
+
 def _generic_composite(chain):
     from ..presets import default_composite
     return default_composite(chain)
@@ -124,4 +136,4 @@ from . import timm_beit  # noqa: E402,F401
 from . import timm_eva  # noqa: E402,F401
 from . import timm_swin  # noqa: E402,F401
 
-__all__ = ["Family", "Geometry", "GENERIC", "family_of", "register_family"]
+__all__ = ["Family", "Geometry", "GENERIC", "family_of", "preset_composite", "register_family"]

@@ -40,7 +40,7 @@ from torch import nn
 
 from ..canonize.core import CanonizationError, copy_layer, join, make_chain
 from ..layers import GlobalResponseNormalize, LayerNormalize, Permute, Scale, SkipConnection, Sum
-from . import GENERIC, Family, Geometry, register_family
+from . import GENERIC, Family, Geometry, preset_composite, register_family
 
 _DROPPED = (nn.Identity, nn.Dropout)
 
@@ -236,11 +236,6 @@ def _convnext(model: nn.Module, path: str) -> list:
     return out + _head(model, join(path, "head"))
 
 
-def _epsilon_plus_flat(chain):
-    from ..presets import EpsilonPlusFlat
-    return EpsilonPlusFlat()
-
-
 try:
     from timm.models.convnext import ConvNeXt as _ConvNeXt
 except ImportError:  # pragma: no cover  (timm is optional for canonization)
@@ -248,4 +243,5 @@ except ImportError:  # pragma: no cover  (timm is optional for canonization)
 else:
     register_family(Family(
         "timm-convnext", (_ConvNeXt,), {_ConvNeXt: _convnext},
-        composite=_epsilon_plus_flat, geometry=lambda model, chain=None: Geometry(), methods=GENERIC.methods))
+        composite=preset_composite("EpsilonPlusFlat"), geometry=lambda model, chain=None: Geometry(),
+        methods=GENERIC.methods))

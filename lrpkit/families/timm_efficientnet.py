@@ -50,7 +50,7 @@ from torch import nn
 
 from ..canonize.core import CanonizationError, copy_layer, flatten, join, make_chain
 from ..layers import Chain, Multiply, SkipConnection
-from . import GENERIC, Family, Geometry, register_family
+from . import GENERIC, Family, Geometry, preset_composite, register_family
 
 
 class SamePadConv2d(nn.Conv2d):
@@ -264,11 +264,6 @@ def canonize_mobilenetv3(model, path=""):
     return entries + _linear(model.classifier, join(path, "classifier"))
 
 
-def _epsilon_plus_flat(chain):
-    from ..presets import EpsilonPlusFlat
-    return EpsilonPlusFlat()
-
-
 try:
     from timm.layers import BatchNormAct2d, SelectAdaptivePool2d  # noqa: F401
     from timm.layers.conv2d_same import Conv2dSame, Conv2dSameExport
@@ -291,4 +286,5 @@ else:
          _blocks.SqueezeExcite: _squeeze_excite,
          BatchNormAct2d: _norm_act,
          Conv2dSame: _conv, Conv2dSameExport: _conv},
-        composite=_epsilon_plus_flat, geometry=lambda model, chain=None: Geometry(), methods=GENERIC.methods))
+        composite=preset_composite("EpsilonPlusFlat"), geometry=lambda model, chain=None: Geometry(),
+        methods=GENERIC.methods))

@@ -38,7 +38,7 @@ from torch import nn
 
 from ..canonize.core import CanonizationError, copy_layer, flatten, join, make_chain
 from ..layers import Chain, Multiply, SkipConnection, Sum
-from . import GENERIC, Family, Geometry, register_family
+from . import GENERIC, Family, Geometry, preset_composite, register_family
 
 _FORWARD_METHODS = ("forward", "forward_features", "forward_head")
 _NORMS = (nn.BatchNorm2d,)
@@ -191,15 +191,11 @@ def canonize_resnet(model, path: str = "") -> list:
     return entries
 
 
-def _epsilon_plus_flat(chain):
-    from ..presets import EpsilonPlusFlat
-    return EpsilonPlusFlat()
-
-
 try:
     from timm.models.resnet import ResNet
 except ImportError:  # pragma: no cover
     pass
 else:
-    register_family(Family("timm-resnet", (ResNet,), {ResNet: canonize_resnet}, composite=_epsilon_plus_flat,
+    register_family(Family("timm-resnet", (ResNet,), {ResNet: canonize_resnet},
+                           composite=preset_composite("EpsilonPlusFlat"),
                            geometry=lambda model, chain=None: Geometry(), methods=GENERIC.methods))

@@ -48,7 +48,7 @@ from torch import nn
 from ..layers import (AttentionPool, Chain, ClassToken, LayerNormalize, PatchFlatten, PositionalEmbedding, Scale,
                       SelectClassToken, SelfAttention, SkipConnection, Sum, TokenMean)
 from ..canonize.core import CanonizationError, copy_layer, flatten, join, make_chain
-from . import Family, Geometry, register_family
+from . import Family, Geometry, preset_composite, register_family
 
 # the methods of VisionTransformer that make up its forward pass: a subclass that overrides one of them computes
 # something this canonizer does not know
@@ -293,11 +293,6 @@ def vit_geometry(model, chain=None) -> Geometry:
     return Geometry(size, len(_prefix_tokens(model)[1]), global_attention=True)
 
 
-def _cplrp(chain):
-    from ..presets import CPLRP
-    return CPLRP()
-
-
 #: The methods ``lrpkit evaluate`` runs by default on a vision transformer.
 VIT_METHODS = ("lrp", "attnlrp", "transformer-attribution", "rollout", "gradient-rollout", "attention-gradcam",
                "gradient", "input-x-gradient", "integrated-gradients", "smoothgrad")
@@ -307,5 +302,5 @@ try:
 except ImportError:  # timm is a core dependency, but canonization of other models works without it
     pass
 else:
-    register_family(Family("timm-vit", (VisionTransformer,), {VisionTransformer: canonize_vit}, composite=_cplrp,
-                           geometry=vit_geometry, methods=VIT_METHODS))
+    register_family(Family("timm-vit", (VisionTransformer,), {VisionTransformer: canonize_vit},
+                           composite=preset_composite("CPLRP"), geometry=vit_geometry, methods=VIT_METHODS))

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..layers import SkipConnection, Sum
 from ..canonize.core import copy_layer, flatten, join, make_chain
-from . import GENERIC, Family, Geometry, register_family
+from . import GENERIC, Family, Geometry, preset_composite, register_family
 
 
 def _vgg(model, path):
@@ -43,11 +43,6 @@ def _block(parts):
     return canonize_block
 
 
-def _epsilon_plus_flat(chain):
-    from ..presets import EpsilonPlusFlat
-    return EpsilonPlusFlat()
-
-
 try:
     from torchvision.models import resnet as _tv_resnet
     from torchvision.models import vgg as _tv_vgg
@@ -59,4 +54,5 @@ else:
         {_tv_vgg.VGG: _vgg, _tv_resnet.ResNet: _resnet,
          _tv_resnet.BasicBlock: _block(("conv1", "bn1", "conv2", "bn2")),
          _tv_resnet.Bottleneck: _block(("conv1", "bn1", "conv2", "bn2", "conv3", "bn3"))},
-        composite=_epsilon_plus_flat, geometry=lambda model, chain=None: Geometry(), methods=GENERIC.methods))
+        composite=preset_composite("EpsilonPlusFlat"), geometry=lambda model, chain=None: Geometry(),
+        methods=GENERIC.methods))

@@ -26,10 +26,16 @@ import torch
 from torch import nn
 
 from ..layers import Scale
-from ..propagate import Record, Step
+from ..propagate import Record, Step, per_sample
 from ..registry import default_rule
 from ..traits import Traits
 from .vjp import has_input_vjp, vjp
+
+try:  # torch's own test for a tensor batched by torch.func.vmap (it has no public name)
+    from torch._C._functorch import is_batchedtensor as _is_batched
+except ImportError:  # pragma: no cover - a torch without functorch vmaps nothing
+    def _is_batched(t) -> bool:
+        return False
 
 LINEAR_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 POOL_TYPES = (nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d, nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d,
@@ -82,22 +88,44 @@ def divide(R: torch.Tensor, z: torch.Tensor, epsilon, gate: torch.Tensor | None 
     ``gate``: ``relu(z)``, free to overwrite, handed over where ``R`` is known to vanish wherever ``z ≤ 0`` (see
     :mod:`lrpkit.plan`); ``z`` is then not read and may be None. Wherever ``R ≠ 0``,
     ``stab(z) = z + ε = relu(z) + ε``, so the quotient is ``R / (relu(z) + ε)``: one in-place add instead of a
-    ``copysign`` and an add, and the same values (a zero quotient may differ in its sign bit)."""
+    ``copysign`` and an add, and the same values (a zero quotient may differ in its sign bit).
+
+    Under :func:`torch.func.vmap` over several relevances per record (CRP's concepts) the quotient is a fresh
+    tensor (vmap has no ``out=``; the relevance's extra dimension would not fit the denominator's buffer) and the
+    gate is left as it is."""
     if gate is not None:
         eps = epsilon.to(gate) if isinstance(epsilon, torch.Tensor) else epsilon
-        if not writable(gate, R):
+        if vmapped(R) or not writable(gate, R):
             return R / (gate.detach() + eps)
         return torch.div(R, gate.add_(eps), out=gate)
     d = stabilize(z.detach(), epsilon)
-    if d.shape != R.shape or d.dtype != R.dtype:
+    if vmapped(R) or not writable(d, R):
         return R / d
     return torch.div(R, d, out=d)
 
 
+def dense(t: torch.Tensor) -> bool:
+    """Whether ``t`` fills its memory without gaps or overlaps, laid out contiguously or channels last (a timm
+    ConvNeXt's feature maps are channels last, as the layer norms over the channels leave them)."""
+    if t.is_contiguous():
+        return True
+    if t.ndim == 4:
+        return t.is_contiguous(memory_format=torch.channels_last)
+    return t.ndim == 5 and t.is_contiguous(memory_format=torch.channels_last_3d)
+
+
 def writable(t: torch.Tensor, like: torch.Tensor) -> bool:
     """Whether ``t``, a fresh result of this pass, can take an in-place update by a tensor like ``like``: same
-    shape and dtype, dense, outside autograd."""
-    return t.shape == like.shape and t.dtype == like.dtype and t.is_contiguous() and not t.requires_grad
+    shape and dtype, dense, outside autograd, and batched under :func:`torch.func.vmap` if ``like`` is (an update
+    by a vmapped tensor would add the vmapped dimension to ``t``)."""
+    return t.shape == like.shape and t.dtype == like.dtype and dense(t) and not t.requires_grad and \
+        (not vmapped(like) or vmapped(t))
+
+
+def vmapped(t: torch.Tensor) -> bool:
+    """Whether ``t`` is batched by :func:`torch.func.vmap` (CRP runs the rules on several relevances per record
+    that way)."""
+    return _is_batched(t)
 
 
 def times_input(c: torch.Tensor, a: torch.Tensor) -> torch.Tensor:
@@ -125,7 +153,7 @@ def bias_relevance(layer: nn.Module, s: torch.Tensor) -> torch.Tensor | None:
     if isinstance(layer, Scale):  # Σ_c b_c Σ_{positions} s_c: the sums first, no product of s's size
         channel = layer.dim % s.ndim
         if channel == 0:
-            return (s * b.view(layer._shape(s))).flatten(1).sum(1)
+            return per_sample(s * b.view(layer._shape(s)))
         positions = [d for d in range(1, s.ndim) if d != channel]
         return (s.sum(positions) if positions else s) @ b  # (B, C) @ (C,): sum([]) would sum everything
     if isinstance(layer, nn.Linear):
@@ -193,7 +221,16 @@ class Rule:
         sink = bias_relevance(layer, s)
         if sink is not None:
             rec.absorbed["bias"] = sink
-        return times_input(vjp(layer, a, s, z), a)
+        return times_input(vjp(layer, a, s, z, overwrite=True), a)  # s is this call's own, read no more
+
+    #: inner sites of the rule's reverse pass, ``{name: channel axis}`` (e.g. SelfAttentionRule's ``"values"``): the
+    #: rule calls ``tape.stops_at(step, name)`` there (raising :class:`~lrpkit.propagate.ReachedStop` with the
+    #: relevance there if so) and :meth:`lrp_from` continues from there; CRP conditions on them
+    sites: dict = {}
+
+    def lrp_from(self, site: str, step: Step, rec: Record, R: torch.Tensor, tape) -> torch.Tensor:
+        """The rule's reverse pass from its inner site ``site`` (see ``sites``) down to the input."""
+        raise NotImplementedError(f"{type(self).__name__} has no inner site {site!r}")
 
     def traits(self, layer: nn.Module) -> Traits:
         """What the execution plan may assume about this rule on ``layer`` (:class:`~lrpkit.traits.Traits`). The
@@ -227,8 +264,12 @@ class Rule:
         return not self._inherits("modify_denominator", Rule)
 
     def _inherits(self, name: str, base: type) -> bool:
-        """Whether method ``name`` is ``base``'s own: not overridden by a subclass, nor set on the instance."""
-        return name not in vars(self) and getattr(type(self), name) is getattr(base, name)
+        """Whether method ``name`` is ``base``'s own: not overridden by a subclass, nor set on the instance.
+        (Asked on every step: the answer is kept until an attribute of the rule is set or deleted.)"""
+        known = self.__dict__.setdefault("_inherited", {})
+        if (name, base) not in known:
+            known[name, base] = name not in vars(self) and getattr(type(self), name) is getattr(base, name)
+        return known[name, base]
 
     def _keeps_graph(self, layer: nn.Module) -> bool:
         # only the generic rule on a layer that is not linear in its input (e.g. pooling), unmodified
@@ -239,7 +280,12 @@ class Rule:
         if name in FIXED_METHODS and callable(value):
             raise TypeError(f"{type(self).__name__}.{name} cannot be replaced on an instance (the analyzer plans "
                             f"around the class's method); define a subclass that overrides {name}")
+        self.__dict__.pop("_inherited", None)
         super().__setattr__(name, value)
+
+    def __delattr__(self, name) -> None:
+        self.__dict__.pop("_inherited", None)
+        super().__delattr__(name)
 
     def accepts(self, layer: nn.Module) -> bool:
         """Whether the rule can handle ``layer``: a type in ``accepted``, or a (custom) layer type whose registered

@@ -14,7 +14,8 @@ from .base import Rule, divide
 
 
 class PermuteRule(Rule):
-    """Inverse of :class:`~lrpkit.layers.Permute`: ``R_in = R.permute(inverse)``. Conserves exactly."""
+    """Inverse of :class:`~lrpkit.layers.Permute`: ``R_in = R.permute(inverse)``, a view, laid out in memory as the
+    layer's input is (:class:`~lrpkit.layers.Permute`). Conserves exactly."""
 
     targets = ()
     accepted = (Permute,)
@@ -26,7 +27,7 @@ class PermuteRule(Rule):
         return Record(x.detach(), step.layer(x.detach()))
 
     def lrp(self, step, rec, R, tape):
-        return R.permute(step.layer.inverse).contiguous()  # dense: the rules below read it element-wise
+        return R.permute(step.layer.inverse)
 
     def traits(self, layer) -> Traits:
         # a view of the input: nothing to keep or recompute beyond the input's shape
@@ -47,14 +48,16 @@ class GlobalResponseNormRule(Rule):
         self.epsilon = epsilon
 
     def forward(self, step: Step, x: torch.Tensor, tape) -> Record:
+        # the response N (one value per sample and channel) is kept: the rule would otherwise recompute it from x
         with torch.no_grad():
-            return Record(x.detach(), step.layer(x.detach()))
+            y, response = step.layer.forward_with_response(x.detach())
+        return Record(x.detach(), y, extras={"response": response})
 
     def lrp(self, step, rec, R, tape):
         layer, x = step.layer, rec.input
         shape = layer._shape()
-        s = divide(R, rec.output, self.epsilon)
+        s = divide(R, rec.output, self.epsilon)  # a fresh tensor: multiplied in place below
         rec.absorbed["bias"] = per_sample(s * layer.bias.view(shape))
         factor = torch.addcmul(torch.ones_like(layer.weight).view(shape), layer.weight.view(shape),
-                               layer.response(x))
-        return x * factor * s
+                               rec.extras["response"])
+        return (x * factor).mul_(s)

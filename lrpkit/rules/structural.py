@@ -12,7 +12,7 @@ import torch
 from ..layers import Multiply, SkipConnection, Sum
 from ..propagate import Record, Step
 from ..traits import Traits
-from .base import Rule, divide, writable
+from .base import Rule, divide, vmapped, writable
 
 
 class _SplitRule(Rule):
@@ -39,7 +39,8 @@ class _SplitRule(Rule):
         if isinstance(step.layer, SkipConnection):  # y = a + f(a): R_in = R_f propagated through f, + a ⊙ s
             a, f = summands
             R_in = tape.backward(step.children[0], f * s)
-            return R_in.addcmul_(a, s) if writable(R_in, a) else torch.addcmul(R_in, a, s)
+            in_place = writable(R_in, a) and not vmapped(R_in)  # vmap has no batching rule for addcmul_
+            return R_in.addcmul_(a, s) if in_place else torch.addcmul(R_in, a, s)
         # y = Σ f_i(a): R_in = Σ_i (f_i ⊙ s) propagated through f_i; the last share is written into s
         shares = [summand * s for summand in summands[:-1]] + [s.mul_(summands[-1])]
         R_in = None

@@ -13,7 +13,7 @@ from torch import nn
 
 from ..layers import (ClassToken, LayerNormalize, PatchFlatten, PositionalEmbedding, Rotary, SelectClassToken,
                       SelfAttention, TokenMean)
-from ..propagate import Record, Step, per_sample
+from ..propagate import ReachedStop, Record, Step, per_sample
 from ..traits import Traits
 from .base import IncompatibleRuleError, Rule, divide, stabilize, writable
 from .basic import EpsilonRule
@@ -35,7 +35,9 @@ class PatchFlattenRule(_ClosedFormRule):
     accepted = (PatchFlatten,)
 
     def lrp(self, step, rec, R, tape):
-        return R.transpose(1, 2).reshape(rec.input.shape)
+        # dense, in the grid's order (R is a slice after the prefix tokens): the steps below and the accounting
+        # read it whole
+        return R.transpose(1, 2).reshape(rec.input.shape).contiguous()
 
 
 class ClassTokenRule(_ClosedFormRule):
@@ -117,10 +119,11 @@ class LayerNormRule(_ClosedFormRule):
         sigma = step.layer.sigma(x)
         # y as the forward computed it (and R was derived from): in bfloat16, (x − μ)/σ evaluated step by step
         # rounds differently from layer_norm, and R / y would amplify the difference where y is small
-        y = step.layer(x)
-        s = divide(R, y, self.epsilon)
+        y = step.layer.normalize(x)
+        s = divide(R, y, self.epsilon)  # a fresh tensor unless shapes differ: centred in place
         s = s.sub_(s.mean(dim, keepdim=True)) if writable(s, R) else s - s.mean(dim, keepdim=True)
-        return torch.div(x, sigma).mul_(s)
+        xs = torch.div(x, sigma, out=y)  # x / σ in y's buffer (a fresh output, read no more)
+        return xs.mul_(s) if writable(xs, s) else xs * s  # (out of place where s is vmapped over CRP's concepts)
 
 
 def _linear_rows(linear: nn.Linear, rows: slice) -> nn.Linear:
@@ -137,11 +140,8 @@ def bilinear_lrp(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, R: torch.T
                  fn) -> tuple[torch.Tensor, torch.Tensor]:
     """AttnLRP's uniform rule for a product ``out = fn(x, y)`` that is linear in each factor:
     ``R_x = x ⊙ ∂(s·out)/∂x``, ``R_y = y ⊙ ∂(s·out)/∂y`` with ``s = R / (2·stab(out))`` — each factor gets half."""
-    with torch.enable_grad():
-        x_, y_ = x.detach().requires_grad_(True), y.detach().requires_grad_(True)
-        z = fn(x_, y_)
-    s = R / (2 * stabilize(out, eps))
-    gx, gy = torch.autograd.grad(z, (x_, y_), s)
+    _, pullback = torch.func.vjp(fn, x.detach(), y.detach())  # torch.func: also under CRP's vmap over concepts
+    gx, gy = pullback(R / (2 * stabilize(out, eps)))
     return x * gx, y * gy
 
 
@@ -226,14 +226,26 @@ class SelfAttentionRule(Rule):
             # kept: the record holds one (B, H, N, N) tensor per block instead of two
             extras = {"value": v_rec, "q": q, "k": k, "qn": qn, "kn": kn, "v": v, "scores": scores}
         o_rec = self.out_rule.forward(sub["out"], layer.merge_heads(y), tape)
-        extras["out"] = o_rec
+        extras["out"], extras["batch"] = o_rec, x.shape[0]
         return Record(x, layer.ungroup(o_rec.output.detach(), x.shape[0]), extras=extras)
 
     # -- backward -----------------------------------------------------------------------------------------
+    #: the inner site of the reverse pass (where CRP can condition): ``"values"``, the heads' value outputs
+    #: ``y_h = A_h v_h`` merged over the heads, (B, N, H·d), the output projection's input; channels last
+    sites = {"values": -1}
+
     def lrp(self, step: Step, rec: Record, R: torch.Tensor, tape) -> torch.Tensor:
+        R = step.layer.group(R)  # the tokens in the groups that attend to each other (Swin's windows)
+        R_values = self.out_rule.lrp(step.state["out"], rec.extras["out"], R, tape)  # at the heads' value outputs
+        if tape.stops_at(step, "values"):
+            raise ReachedStop(R_values)
+        return self.lrp_from("values", step, rec, R_values, tape)
+
+    def lrp_from(self, site: str, step: Step, rec: Record, R: torch.Tensor, tape) -> torch.Tensor:
+        """The rule from its ``"values"`` site down: ``R`` at the heads' value outputs (B, N, H·d) to the input."""
         layer, sub, e = step.layer, step.state, rec.extras
-        batch = R.shape[0]
-        R_y = layer.split_heads(self.out_rule.lrp(sub["out"], e["out"], layer.group(R), tape))
+        batch = e["batch"]
+        R_y = layer.split_heads(R)
         if self.mode == "cp":
             s = divide(R_y, layer.split_heads(e["out"].input), self.epsilon)
             R_v = e["v"] * (e["attn"].transpose(-2, -1) @ s)

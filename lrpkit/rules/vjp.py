@@ -22,12 +22,15 @@ def has_input_vjp(layer: nn.Module) -> bool:
     return type(layer) in CONV_DIMS and layer.padding_mode == "zeros" and not isinstance(layer.padding, str)
 
 
-def input_vjp(layer: nn.Module, s: torch.Tensor, input_shape: torch.Size) -> torch.Tensor:
-    """``(∂ layer(a) / ∂a)ᵀ s`` for a Linear, Scale or zero-padded ConvNd layer (see :func:`has_input_vjp`)."""
+def input_vjp(layer: nn.Module, s: torch.Tensor, input_shape: torch.Size, overwrite: bool = False) -> torch.Tensor:
+    """``(∂ layer(a) / ∂a)ᵀ s`` for a Linear, Scale or zero-padded ConvNd layer (see :func:`has_input_vjp`).
+    ``overwrite``: ``s`` is the caller's own and read no more, so an element-wise layer may write the result into
+    it."""
     if isinstance(layer, nn.Linear):
         return s @ layer.weight
     if isinstance(layer, Scale):
-        return s * layer.weight.view(layer._shape(s))
+        w = layer.weight.view(layer._shape(s))
+        return s.mul_(w) if overwrite and not s.requires_grad else s * w
     dims = CONV_DIMS[type(layer)]
     # the adjoint of a convolution is the transposed convolution with the same weight; output_padding restores
     # the input rows a strided convolution did not reach
@@ -37,14 +40,16 @@ def input_vjp(layer: nn.Module, s: torch.Tensor, input_shape: torch.Size) -> tor
     return transpose(s, layer.weight, None, layer.stride, layer.padding, extra, layer.groups, layer.dilation)
 
 
-def vjp(layer: nn.Module, a: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None = None) -> torch.Tensor:
+def vjp(layer: nn.Module, a: torch.Tensor, s: torch.Tensor, z: torch.Tensor | None = None,
+        overwrite: bool = False) -> torch.Tensor:
     """``(∂ layer(a) / ∂a)ᵀ s``: from the weights for linear layers, else by autograd — through the recorded
-    output ``z`` if its graph leads to ``a``, or through a fresh forward pass of ``layer`` on ``a``."""
+    output ``z`` if its graph leads to ``a``, or through a fresh forward pass of ``layer`` on ``a``. ``overwrite``:
+    as in :func:`input_vjp`."""
     if has_input_vjp(layer):
-        return input_vjp(layer, s, a.shape)
-    if z is None or not a.requires_grad:
-        with torch.enable_grad():
-            a = a.detach().requires_grad_(True)
-            z = layer(a)
+        return input_vjp(layer, s, a.shape, overwrite)
+    if z is None or not a.requires_grad:  # torch.func: also under CRP's vmap over concepts
+        _, pullback = torch.func.vjp(layer, a.detach())
+        (c,) = pullback(s)
+        return c
     (c,) = torch.autograd.grad(z, a, s)
     return c
