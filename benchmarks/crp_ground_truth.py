@@ -31,7 +31,7 @@ import torch
 import lrpkit
 from lrpkit.app import data, models
 from lrpkit.crp import reference_samples
-from lrpkit.crp.layer_refs import resolve_layer
+from lrpkit.crp.locate import locate
 from lrpkit.crp.probe import channel_maps, layer_relevance, tokens_layout
 from lrpkit.evaluate import relevance_mass_accuracy
 
@@ -40,7 +40,7 @@ LAYERS = {"demo_cnn": "12", "demo_vit": "blocks.2"}
 
 def top_concepts(lrp, layer, x, batch=64) -> tuple[torch.Tensor, torch.Tensor]:
     """(predicted (N,), per-channel relevance R_c (N, C)) explaining each image's predicted class."""
-    ref = resolve_layer(lrp.chain, layer)
+    ref = locate(lrp, layer)
     preds, per = [], []
     for i in range(0, len(x), batch):
         R, t = layer_relevance(lrp, ref, x[i:i + batch])

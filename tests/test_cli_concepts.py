@@ -18,7 +18,7 @@ import lrpkit
 from lrpkit import cli
 from lrpkit.app import zoo
 from lrpkit.crp import reference_samples
-from lrpkit.crp.layer_refs import resolve_layer
+from lrpkit.crp.locate import locate
 from lrpkit.data import make_dataset
 
 
@@ -59,7 +59,7 @@ def test_cnn_concepts_with_reference_samples(folders, tmp_path, capsys):
     model, prep, x = inputs("demo_cnn", images)
     lrp = lrpkit.LRP(model)
     expl = lrp(x, layerwise=True)
-    ref = resolve_layer(lrp.chain, "12")  # the last convolution (BatchNorm fused): its output enters the ReLU
+    ref = locate(lrp, "12")  # the last convolution (BatchNorm fused): its output enters the ReLU
     per_channel = expl.layerwise[ref.index + 1].sum((2, 3))  # R_c = Σ_p R_{c,p}, (B, 64)
     scan = reference_samples(lrp, torch.stack([prep.normalize(prep.load(p)) for p in refs]), "12", k=2,
                              progress=False)
@@ -93,7 +93,7 @@ def test_vit_concepts_are_channels_of_the_token_stream(folders, tmp_path, capsys
     row = json.loads((out / "concepts.json").read_text())["images"][0]
     model, _, x = inputs("demo_vit", images[:1])
     lrp = lrpkit.LRP(model)
-    ref = resolve_layer(lrp.chain, "blocks.2")  # the residual stream after block 2 (its MLP's SkipConnection)
+    ref = locate(lrp, "blocks.2")  # the residual stream after block 2 (its MLP's SkipConnection)
     top_level = [s.index for s in lrp.steps]
     after = top_level[top_level.index(ref.index) + 1]  # block 3's attention SkipConnection: its input relevance
     tape = lrpkit.tape.Tape(lrp.plan, relevance_at=[after])

@@ -26,7 +26,7 @@ from lrpkit.canonize.core import flatten, join, make_chain
 from lrpkit.crp import reference_samples
 from lrpkit.crp import reference as reference_module
 from lrpkit.crp.crops import crop_boxes
-from lrpkit.crp.layer_refs import resolve_layer
+from lrpkit.crp.locate import locate
 from lrpkit.rules import EpsilonRule
 
 DIST_ENV = ("WORLD_SIZE", "RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
@@ -112,7 +112,7 @@ def test_cnn_relevance_is_the_layerwise_lrp_relevance_and_activation_the_models(
     lrp = lrpkit.LRP(model)
     x = ds.tensors[0]
     expl = lrp(x, layerwise=True)
-    ref = resolve_layer(lrp.chain, "3")  # the second convolution: top-level index 3, its output enters index 4
+    ref = locate(lrp, "3")  # the second convolution: top-level index 3, its output enters index 4
     R = expl.layerwise[ref.index + 1]
     check_against(reference_samples(lrp, ds, "3", k=4, batch_size=3, progress=False), R.flatten(2), 4)
     seen = {}
@@ -134,7 +134,7 @@ def test_vit_relevance_in_a_residual_branch_is_the_tapes_and_tokens_use_the_last
     lrp = lrpkit.LRP(model)
     ds = data(n=6, size=16)
     x = ds.tensors[0]
-    ref = resolve_layer(lrp.chain, "blocks.0.mlp.fc1")  # inside the residual branch of block 0's MLP
+    ref = locate(lrp, "blocks.0.mlp.fc1")  # inside the residual branch of block 0's MLP
     act_step = next(s for s in lrp.all_steps if s.name == "blocks.0.mlp.act")
     assert act_step.index == ref.index + 1  # the GELU after fc1: its input relevance is fc1's output relevance
     tape = lrpkit.tape.Tape(lrp.plan, relevance_at=[act_step.index])
@@ -387,7 +387,7 @@ def crop_cnn():
 
 def test_receptive_field_crops_by_hand():
     lrp = lrpkit.LRP(crop_cnn())
-    ref = resolve_layer(lrp.chain, "4")  # the ReLU after the second convolution, 3x3 positions
+    ref = locate(lrp, "4")  # the ReLU after the second convolution, 3x3 positions
     boxes = crop_boxes(lrp, ref, torch.tensor([0, 5, 4]), (1, 12, 12))
     # position 0 = (0, 0). conv 3x3, stride 2, pad 1 (6x6 in): rows [0·2 − 1, 0·2 − 1 + 2] = [−1, 1] -> [0, 1];
     # maxpool 2 (12x12 in): [0·2, 1·2 + 1] = [0, 3]; conv 3x3 pad 1: [0 − 1, 3 − 1 + 2] = [−1, 4] -> [0, 4].
@@ -425,21 +425,36 @@ def test_receptive_field_of_a_residual_block_is_the_union():
     # below keeps the box -> (2, 4, 5, 7). The convolution inside the block alone has the same box; the 1x1
     # conv at the bottom is one pixel.
     for layer in ("2", "2.conv", "3"):
-        ref = resolve_layer(lrp.chain, layer)
+        ref = locate(lrp, layer)
         assert crop_boxes(lrp, ref, torch.tensor([3 * 8 + 5]), (1, 8, 8)).tolist() == [[2, 4, 5, 7]], layer
-    assert crop_boxes(lrp, resolve_layer(lrp.chain, "0"), torch.tensor([3 * 8 + 5]), (1, 8, 8)).tolist() == \
+    assert crop_boxes(lrp, locate(lrp, "0"), torch.tensor([3 * 8 + 5]), (1, 8, 8)).tolist() == \
         [[3, 5, 4, 6]]
+
+
+def test_one_resolver_for_crp_and_the_scan():
+    # CRP and the scan resolve names with the same function: the same step for a module path and an index; an
+    # inner site (CRP conditions there) is refused by the scan with the layer it belongs to, and a misspelt name
+    # gets the close ones suggested
+    lrp, x = lrpkit.LRP(tiny_vit()), torch.randn(3, 3, 16, 16)
+    crp = lrpkit.CRP(lrp, "blocks.1.mlp.fc1", lrpkit.crp.TopConcepts(1))
+    assert crp.step is locate(lrp, "blocks.1.mlp.fc1").step is locate(lrp, crp.step.index).step
+    assert locate(lrp, "blocks.1.attn.values").site == "values"
+    with pytest.raises(ValueError, match=r"'blocks.1.attn.values' is a rule's inner site.*choose a layer, e.g. "
+                                         r"'blocks.1.attn'"):
+        reference_samples(lrp, x, "blocks.1.attn.values", progress=False)
+    with pytest.raises(ValueError, match=r"no layer 'blocks.1.mlp.fc3'.*did you mean .*'blocks.1.mlp.fc1'"):
+        reference_samples(lrp, x, "blocks.1.mlp.fc3", progress=False)
 
 
 def test_vit_crops_are_patches_and_the_class_token_the_image():
     model = tiny_vit()  # 16x16 input, patch 8: a 2x2 grid after the class token, tokens 0 (class), 1..4
     lrp = lrpkit.LRP(model)
-    ref = resolve_layer(lrp.chain, "blocks.1")
+    ref = locate(lrp, "blocks.1")
     boxes = crop_boxes(lrp, ref, torch.tensor([0, 1, 2, 3, 4]), (3, 16, 16))
     # token t >= 1: patch t − 1 = r·2 + c -> rows [8r, 8r + 8), cols [8c, 8c + 8); token 0: the whole image
     assert boxes.tolist() == [[0, 0, 16, 16], [0, 0, 8, 8], [0, 8, 8, 16], [8, 0, 16, 8], [8, 8, 16, 16]]
     # the patch embedding (a 8x8 convolution with stride 8, a (B, C, 2, 2) map) gives the same patches
-    embed = resolve_layer(lrp.chain, "patch_embed.proj")
+    embed = locate(lrp, "patch_embed.proj")
     assert crop_boxes(lrp, embed, torch.arange(4), (3, 16, 16)).tolist() == boxes[1:].tolist()
     ds = data(n=5, size=16)
     result = reference_samples(lrp, ds, "blocks.1", k=2, mode="activation", progress=False)

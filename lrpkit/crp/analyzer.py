@@ -62,7 +62,8 @@ class CRP:
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
         self.lrp, self.concepts, self.batch_size = lrp, concepts, batch_size
-        self.step, self.site = locate(lrp.steps, lrp.all_steps, layer)
+        ref = locate(lrp, layer)
+        self.step, self.site = ref.step, ref.site
         self.layer = self.step.name if isinstance(layer, int) else layer
         self.channel_axis = channel_axis(lrp.steps, self.step.index, self.site)
 

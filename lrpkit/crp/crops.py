@@ -37,7 +37,7 @@ from torch import nn
 from ..layers import (Chain, ClassToken, GlobalResponseNormalize, LayerNormalize, Multiply, Permute,
                       PositionalEmbedding, Scale, SkipConnection, Sum, TokenMean)
 from ..walk import branches_of, run
-from .layer_refs import LayerRef
+from .locate import LayerRef
 
 __all__ = ["crop_boxes", "check_crop_geometry"]
 

@@ -17,7 +17,7 @@ import torch
 from ..analyzer import output_relevance
 from ..tape import Tape
 from ..walk import run
-from .layer_refs import LayerRef
+from .locate import LayerRef
 
 __all__ = ["layer_relevance", "layer_activation", "tokens_layout", "channel_maps", "channel_scores"]
 

@@ -43,7 +43,7 @@ from ..evaluate.distributed import _Dist, shard
 from ..evaluate.store import CONFIG, _check_config, parameter_digest
 from .crops import check_crop_geometry, crop_boxes
 from .data import ScanData
-from .layer_refs import LayerRef, resolve_layer
+from .locate import LayerRef, locate
 from .probe import channel_maps, channel_scores, layer_activation, layer_relevance, tokens_layout
 from .ranking import TopK
 
@@ -239,7 +239,7 @@ def reference_samples(crp_or_lrp, dataset, layer=None, concepts=None, k: int = 1
     - ``dataset``: a torch ``Dataset`` of samples ``x`` or ``(x, label, ...)``, a tensor of samples, or an iterable
       of batches ``x`` or ``(x, labels, ...)`` that gives the same batches in every pass
       (:mod:`lrpkit.crp.data`). All samples have one shape.
-    - ``layer``: a module path of the original model or a rule-table index (:mod:`lrpkit.crp.layer_refs`).
+    - ``layer``: a module path of the original model or a rule-table index (:mod:`lrpkit.crp.locate`).
     - ``concepts``: the channels to scan: None (every channel), channel indices, or ``IndexedConcepts``.
     - ``statistic``: ``"max"`` ranks by the maximum over the positions (the definition above), ``"sum"`` by the
       sum (zennit-crp's default ``max_target="sum"``: a concept present all over the sample ranks high); the
@@ -261,7 +261,10 @@ def reference_samples(crp_or_lrp, dataset, layer=None, concepts=None, k: int = 1
         raise ValueError(f"statistic must be 'max' or 'sum', got {statistic!r}")
     if layer is None:
         raise ValueError("name the layer: layer='features.28' (a module path) or a rule-table index")
-    ref = resolve_layer(lrp.chain, layer)
+    ref = locate(lrp, layer)
+    if ref.site is not None:
+        raise ValueError(f"the reference-sample scan reads layer outputs; {layer!r} is a rule's inner site (CRP can "
+                         f"condition there, the scan cannot): choose a layer, e.g. {ref.name!r}")
     data = ScanData(dataset, batch_size, num_workers)
     if data.size is not None and k > data.size:
         raise ValueError(f"k={k} is larger than the data set ({data.size} samples); choose k <= {data.size}")

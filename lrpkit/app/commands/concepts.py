@@ -110,10 +110,10 @@ class _ImageFiles(Dataset):
 def concept_shares(lrp, layer, x, target, channels):
     """``(share, total)``: the relevance of each chosen channel at ``layer`` (B, K) over the total relevance at the
     layer (B,), and that total, from the relevance at the layer's output (:func:`lrpkit.crp.probe.layer_relevance`)."""
-    from ...crp.layer_refs import resolve_layer
+    from ...crp.locate import locate
     from ...crp.probe import channel_maps, layer_relevance, tokens_layout
 
-    ref = resolve_layer(lrp.chain, layer)
+    ref = locate(lrp, layer)
     R, _ = layer_relevance(lrp, ref, x, target)
     per_channel = channel_maps(R, tokens_layout(lrp, R)).sum(-1)  # (B, C): R_c = Σ_p R_{c,p}
     total = per_channel.sum(1)
@@ -228,8 +228,8 @@ def run(args) -> int:
 
 def _channel_count(lrp, layer, x) -> int:
     """The number of channels (concepts) of ``layer``; an unknown layer is an error (naming the choices)."""
-    from ...crp.layer_refs import resolve_layer
+    from ...crp.locate import locate
     from ...crp.probe import layer_activation, tokens_layout
 
-    value = layer_activation(lrp, resolve_layer(lrp.chain, layer), x)
+    value = layer_activation(lrp, locate(lrp, layer), x)
     return value.shape[-1] if tokens_layout(lrp, value) else value.shape[1]
