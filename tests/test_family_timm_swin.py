@@ -165,7 +165,7 @@ def test_family_is_registered():
     assert family.name == "timm-swin"
     geometry = family.geometry(model, None)
     assert geometry.patch_size == (2, 2) and geometry.num_prefix == 0
-    assert not geometry.global_attention and geometry.channels_last
+    assert not geometry.global_attention
     assert family.composite(lrpkit.canonize(model)).primitives[0].mapping  # CP-LRP's type map
     assert "rollout" not in family.methods and "lrp" in family.methods
 
@@ -628,6 +628,16 @@ def test_vitcx_reads_swins_channels_last_feature_maps():
     e = vitcx(x)
     assert e.relevance.shape == (2, 1, 32, 32) and torch.isfinite(e.relevance).all()
     assert all(k > 0 for k in e.extras["num_masks"]) and e.relevance.abs().sum() > 0
+    # the patch projection (a convolution, before the Permute) gives channels-first maps (B, D, h, w): read as
+    # they are, not permuted as the stages' channels-last maps are
+    embed = methods.ViTCX(model, layer="patch_embed.proj", seed=0, progress=False)
+    seen = []
+    hook = model.patch_embed.proj.register_forward_hook(lambda m, a, y: seen.append(y))
+    with torch.no_grad():
+        model(x)
+    hook.remove()
+    _, grid = embed.features(x)
+    assert seen[0].ndim == 4 and torch.allclose(grid, seen[0], atol=1e-6)
 
 
 # -- weights and the command line -----------------------------------------------------------------------------------

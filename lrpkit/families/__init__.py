@@ -25,13 +25,11 @@ from ..registry import active
 class Geometry:
     """What a patch-token model's explanations need to know of its layout: ``patch_size`` (ph, pw), the number of
     prefix tokens (class, distillation, register) before the patch tokens, and whether its attention is global
-    (token-to-token), which the attention methods need, and whether its feature maps are channels last, (B, H, W, C)
-    (Swin), which ViT-CX needs to read them. ``Geometry()`` is a model without patches (a CNN)."""
+    (token-to-token), which the attention methods need. ``Geometry()`` is a model without patches (a CNN)."""
 
     patch_size: tuple[int, int] | None = None
     num_prefix: int = 0
     global_attention: bool = False
-    channels_last: bool = False
 
     def grid(self, x) -> tuple[int, int]:
         """(grid_h, grid_w): the patch grid of an image batch ``x`` (B, C, H, W)."""

@@ -196,7 +196,7 @@ def swin_geometry(model, chain=None) -> Geometry:
     maps."""
     size = model.patch_embed.patch_size
     size = tuple(size) if isinstance(size, (tuple, list)) else (int(size), int(size))
-    return Geometry(size, 0, global_attention=False, channels_last=True)
+    return Geometry(size, 0, global_attention=False)
 
 
 def _cplrp(chain):

@@ -5,10 +5,11 @@ For each sample x with target class c (argmax unless given) and ``p = softmax(mo
 
 1. ``p_c(x)``.
 2. The output of a feature layer (default: the input of the last block's attention, i.e. the output of its first
-   norm), prefix tokens (class, distillation, register) dropped, patch tokens reshaped to D maps (D, h, w). A
-   model whose feature maps are channels last (the family's geometry says so: Swin) gives them as (B, h, w, D),
-   read as the same D maps; there (h, w) is the grid of the layer's stage (7×7 for the last stage of a Swin at
-   224 px), which step 3 upsamples like a patch grid.
+   norm), prefix tokens (class, distillation, register) dropped, patch tokens reshaped to D maps (D, h, w). Feature
+   maps are read along their channel axis (:func:`lrpkit.channels.channel_axis_after`, followed through the chain):
+   (B, D, h, w), or (B, h, w, D) where the layer's output is channels last (Swin after its patch projection's
+   Permute); there (h, w) is the grid of the layer's stage (7×7 for the last stage of a Swin at 224 px), which
+   step 3 upsamples like a patch grid.
 3. Each map upsampled bilinearly to the image size and min-max normalised to [0, 1]. A map that is constant on the
    patch grid (:func:`constant_maps`, decided before the upsampling) carries no spatial information and is left out.
 4. The D maps clustered by agglomerative clustering with complete linkage on the cosine distance
@@ -38,6 +39,7 @@ from .._warnings import warn
 from ..analyzer import resolve_target
 from ..explanation import Explanation
 from ..layers import Chain, SelfAttention
+from ..channels import channel_axis_after
 from ..walk import run, walk
 from .base import Explainer, NotApplicableError
 
@@ -158,12 +160,25 @@ def _run_capture(chain: Chain, x: torch.Tensor, target: nn.Module, when: str, bo
     return run(chain, x, seen=seen)
 
 
+def _channel_axis(chain: Chain, target: nn.Module, when: str) -> int:
+    """The channel axis (1 or -1) of ``target``'s input (``when='input'``) or output in ``chain``, followed from the
+    chain's input (channels in dim 1) through the leaves before it (:func:`lrpkit.channels.channel_axis_after`)."""
+    axis = 1
+    for v in walk(chain):  # depth-first: a container before its contents, which end in the layout they began in
+        if v.layer is target:
+            return axis if when == "input" or v.is_container else channel_axis_after(v.layer, axis)
+        if not v.is_container:
+            axis = channel_axis_after(v.layer, axis)
+    raise ValueError("the ViT-CX feature layer is not in the chain")  # pragma: no cover (resolved from the chain)
+
+
 def _features_to_grid(feats: torch.Tensor, num_prefix: int, grid: tuple[int, int],
-                      channels_last: bool = False) -> torch.Tensor:
+                      channel_axis: int = 1) -> torch.Tensor:
     """Tokens (B, N, D) without the prefix tokens -> (B, D, gh, gw); a (B, D, gh, gw) grid is taken as it is, a
-    channels-last one (B, gh, gw, D) (``channels_last``: Swin's feature maps) moved to (B, D, gh, gw)."""
+    channels-last one (B, gh, gw, D) (``channel_axis=-1``: Swin's feature maps after its Permute) moved to
+    (B, D, gh, gw)."""
     if feats.ndim == 4:
-        return feats.permute(0, 3, 1, 2) if channels_last else feats
+        return feats.permute(0, 3, 1, 2) if channel_axis == -1 else feats
     if feats.ndim != 3:
         raise ValueError(f"the ViT-CX feature layer gives shape {tuple(feats.shape)}; it needs tokens (B, N, D) or "
                          f"a grid (B, D, h, w): choose a layer before the pooling")
@@ -189,7 +204,8 @@ class ViTCX(Explainer):
       (``"blocks.5.attn"``'s SkipConnection when no layer carries exactly that name) or a whole block
       (``"blocks.5"``) the residual stream after it. An int: the output of that top-level layer of the chain.
       On Swin (windowed attention; ``layers.3.blocks.1.norm1`` is the default there) any layer after the patch
-      projection's ``Permute`` and before the pooling gives channels-last maps (B, h, w, D).
+      projection's ``Permute`` and before the pooling gives channels-last maps (B, h, w, D), the projection
+      itself (``"patch_embed.proj"``) channels-first ones; both are read as D maps.
     - ``distance_threshold``: the clustering cut (cosine distance, default 0.1).
     - ``noise_std``: σ of the noise in the model's input space (default 0.1, for normalised inputs).
     - ``batch_size``: images per masked forward pass (x̃ and x̂ of batch_size // 2 masks).
@@ -256,7 +272,8 @@ class ViTCX(Explainer):
         """(logits (B, K), feature grid (B, D, gh, gw)) from one forward pass."""
         box: list = []
         out = _run_capture(self.chain, x, self.feature_layer, self.capture_when, box)
-        return out, _features_to_grid(box[0], self.num_prefix(), self.grid(x), self.geometry.channels_last)
+        axis = _channel_axis(self.chain, self.feature_layer, self.capture_when)
+        return out, _features_to_grid(box[0], self.num_prefix(), self.grid(x), axis)
 
     # -- the explanation -----------------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, target=None) -> Explanation:
