@@ -91,8 +91,8 @@ def backward(steps: list[Step], R: torch.Tensor, tape) -> torch.Tensor:
             tape.put_back(step, record)
             raise
         tape.passed(step, record, R, R_in)
-        if tape.stopped:
-            return R
+        if tape.stopped:  # stop_after: out of every loop, with the relevance at this layer's output
+            raise ReachedStop(R)
         R = R_in
     return R
 

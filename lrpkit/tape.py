@@ -6,9 +6,10 @@ The propagation options are explicit arguments of :class:`Tape`:
 - ``graph_from=k``: the recording pass keeps the autograd graph from the layer with index ``k`` on (its input is
   the graph's root; rules that keep the graph of their input, as Chefer et al.'s, pass it on), so that a caller
   can differentiate the output with respect to what the rules hand out (attention probabilities);
-- ``stop_after=k``: the reverse loop ends right after the layer with index ``k``; that layer's rule may leave its
-  input relevance uncomputed (:meth:`Tape.needed` is False), and :func:`~lrpkit.propagate.backward` returns the
-  relevance at the output of the layer where it stopped;
+- ``stop_after=k``: the reverse loop ends right after the layer with index ``k``, at any depth (the rules of the
+  containers around it do not finish); that layer's rule may leave its input relevance uncomputed
+  (:meth:`Tape.needed` is False), and :meth:`Tape.backward` returns the relevance at the output of the layer where
+  it stopped;
 - ``stop_at=k``: the reverse loop ends at the output of the layer with index ``k``, at any depth, before that
   layer's rule (or, ``stop_at=(k, site)``, inside the rule at an inner site of it: ``Rule.sites``):
   :meth:`Tape.backward` returns the relevance there and sets ``reached_stop``. Nothing at or below the layer runs
@@ -91,7 +92,7 @@ class Tape:
         except propagate.ReachedStop as stop:
             if self._loops > 1:
                 raise  # on to the outermost loop, through the rules of the containers around the layer
-            self.reached_stop = True
+            self.reached_stop = not self.stopped  # stop_at (stop_after has ``stopped``)
             return stop.relevance
         finally:
             self._loops -= 1
@@ -148,6 +149,20 @@ class Tape:
             rec.output = None
         return out
 
+    def output_to_keep(self, branch: list[Step], out: torch.Tensor):
+        """What a container's record keeps of ``out``, the output of ``branch``: ``out`` itself, or, where the plan
+        drops the output of the branch's last layer and that output is cheap to recompute (a layer scale, an
+        activation), a recipe that recomputes it from that layer's record and leaves it there as its output (as a
+        lazy input does), so that the container's rule, which reads it before the reverse loop enters the branch,
+        and the layer's own rule compute it once between them."""
+        last = branch[-1] if branch else None
+        if last is None or last.children:
+            return out
+        p = self.plan[last.index]
+        if p.keep_output or not p.traits.output_recomputable:
+            return out
+        return _Recompute(last.layer, self.records[last.index])
+
     def recall(self, step: Step) -> Record:
         """The record of ``step`` for the reverse loop, with its gate where the plan hands one over."""
         rec = self.records.pop(step.index)
@@ -180,8 +195,8 @@ class Tape:
             return
         for observer in self.observers:
             observer.step_passed(step, p, rec, R_out, R_in)
-        if step.index in self.relevance_at:
-            self.relevances[step.index] = R_in
+        if step.index in self.relevance_at:  # a copy: the rule above may add to R_in in place (a residual split)
+            self.relevances[step.index] = R_in.clone()
         if p.gate_to is not None:
             self._gates[p.gate_to] = rec.input  # relu(z) below, dead from here on: that step may overwrite it
         rec.input = rec.output = rec.gate = None  # free the activations as the loop goes down, as autograd does

@@ -107,3 +107,43 @@ class AroundTheBranch(lrpkit.rules.SkipConnectionRule):
 
     def lrp(self, step, rec, R, tape):
         return rec.extras["summands"][0] * divide(R, rec.output, self.epsilon)
+
+
+def test_relevance_at_the_first_layer_of_a_residual_branch_is_that_layers_own():
+    # y = a + f(a), f = [Linear, ReLU, Linear]: the input relevance of f's first Linear is R_f propagated through f
+    # alone. The residual rule then adds the identity path's share a ⊙ s to the tensor the branch returned (in
+    # place); the kept relevance must not see that: its total is R_f's share of the output, not all of it.
+    torch.manual_seed(0)
+    inner = lrpkit.Chain([nn.Linear(4, 4, bias=False), nn.ReLU(), nn.Linear(4, 4, bias=False)],
+                         ["f.0", "f.1", "f.2"])
+    chain = lrpkit.Chain([nn.Linear(4, 4, bias=False), lrpkit.SkipConnection(inner), nn.Linear(4, 3, bias=False)],
+                         ["a", "f", "b"]).double().eval()
+    lrp = lrpkit.LRP(chain, lrpkit.Composite(lrpkit.GlobalMap(lrpkit.rules.EpsilonRule(1e-12))))
+    first = lrp.steps[1].children[0][0]
+    tape, R = run(lrp, X, relevance_at={first.index, lrp.steps[1].index})
+    with torch.no_grad():
+        a = chain[0](X)
+        f, y = inner(a), a + inner(a)
+    R_y = run(lrp, X, relevance_at={lrp.steps[2].index})[0].relevances[lrp.steps[2].index]
+    s = R_y / (y + 1e-6 * torch.where(y >= 0, 1.0, -1.0))  # the split: R_f = f ⊙ s, R_a = a ⊙ s
+    torch.testing.assert_close(tape.relevances[first.index].sum(1), (f * s).sum(1), rtol=1e-9, atol=1e-12)
+    torch.testing.assert_close(tape.relevances[lrp.steps[1].index], tape.relevances[first.index] + a * s,
+                               rtol=1e-9, atol=1e-12)  # the connection's own input relevance: both paths
+
+
+def test_stop_after_a_layer_inside_a_residual_connection_returns_that_layers_output_relevance():
+    # stop after f's last Linear (inside y = a + f(a)): the result is the relevance at its output, f(a) ⊙ R_y /
+    # stab(y), not the connection's (the loop leaves the connection's rule unfinished)
+    torch.manual_seed(0)
+    inner = lrpkit.Chain([nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 4)], ["f.0", "f.1", "f.2"])
+    chain = lrpkit.Chain([nn.Linear(4, 4), lrpkit.SkipConnection(inner), nn.Linear(4, 3)], ["a", "f", "b"])
+    lrp = lrpkit.LRP(chain.double().eval())
+    skip, head = lrp.steps[1], lrp.steps[2]
+    tape, R = run(lrp, X, stop_after=skip.children[0][-1].index)
+    full, _ = run(lrp, X, relevance_at={head.index})
+    with torch.no_grad():
+        a = chain[0](X)
+        f, y = inner(a), a + inner(a)
+    assert tape.stopped and not tape.reached_stop
+    s = full.relevances[head.index] / (y + 1e-6 * torch.where(y >= 0, 1.0, -1.0))
+    torch.testing.assert_close(R, f * s, rtol=1e-9, atol=1e-15)

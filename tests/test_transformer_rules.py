@@ -411,3 +411,27 @@ def test_self_attention_rule_cp_with_a_score_bias_by_hand():
     assert torch.allclose(e.relevance, t([[[111 / 40, 78 / 40], [37 / 40, -26 / 40]]]), atol=1e-9)
     assert "attention_bias" not in e.accounting.parts
     assert e.accounting.input.item() == pytest.approx(5)
+
+
+@pytest.mark.parametrize("mode", ["cp", "attnlrp"])
+def test_self_attention_records_hold_one_score_sized_tensor_in_cp_and_none_in_attnlrp(mode):
+    # memory (issue 13): CP keeps A (B, H, N, N), which its rule reads; AttnLRP keeps q, k, v and recomputes the scores
+    # S = q kᵀ·scale + B and A = softmax(S) in lrp with the same operations (the same numbers), so its record holds
+    # no (N, N) tensor. The result is the same as with S kept: the hand-derived cases above and the references.
+    from helpers import tiny_vit
+    from lrpkit.tape import Tape
+
+    model = tiny_vit()
+    preset = lrpkit.presets.CPLRP() if mode == "cp" else lrpkit.presets.AttnLRP()
+    lrp = lrpkit.LRP(model, preset)
+    tape = Tape(lrp.plan)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        tape.forward(lrp.steps, x)
+    n = model.patch_embed.num_patches + 1
+    attention = [s for s in lrp.all_steps if isinstance(s.layer, SelfAttention)]
+    assert attention
+    for step in attention:
+        extras = tape.records[step.index].extras
+        square = [k for k, v in extras.items() if isinstance(v, torch.Tensor) and v.shape[-2:] == (n, n)]
+        assert square == (["attn"] if mode == "cp" else []), (step.name, square)

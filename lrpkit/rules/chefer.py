@@ -57,6 +57,7 @@ from torch import nn
 
 from ..layers import LayerNormalize, PositionalEmbedding, Rotary, Scale, SelfAttention, SkipConnection
 from ..propagate import Record, Step, per_sample
+from ..recompute import Recipe, recomputable, saving_recipes, to_keep, value_of
 from ..traits import Traits
 from .base import ACTIVATION_TYPES, RESHAPE_TYPES, IncompatibleRuleError, Rule
 from .basic import PassRule, ZBoxRule
@@ -106,64 +107,14 @@ def rescaled_split(shares: list[torch.Tensor], R: torch.Tensor) -> list[torch.Te
     return [a * _per_sample_view(torch.sign(s) * factor, a) for a, s in zip(shares, sums)]
 
 
-# -- what the records keep, and what the graph saves -------------------------------------------------------------
-# A tensor of the recording pass that a rule can recompute bitwise from what its record keeps (a Linear layer's
-# output zn + b from zn; the per-head copies that the attention products work on) carries a _Recipe under this
-# attribute. Records keep the recipe instead of the tensor, and the autograd graph of the recording pass (where
-# there is one) saves the recipe instead of the tensor (_saving_recipes), so that neither holds a second copy of
-# what the record already holds.
-_RECIPE = "_chefer_recipe"
-
-
-class _Recipe:
-    """``fn(*args)`` without a graph, bitwise equal to the tensor it stands for (the same operations on the same
-    values). Callable, so that a :class:`~lrpkit.propagate.Record` evaluates it when its input is first read."""
-
-    __slots__ = ("fn", "args")
-
-    def __init__(self, fn, *args):
-        self.fn, self.args = fn, args
-
-    def __call__(self) -> torch.Tensor:
-        with torch.no_grad():
-            return self.fn(*self.args)
-
-
-def _recomputable(t: torch.Tensor, fn, *args) -> torch.Tensor:
-    """Mark ``t`` as ``fn(*args)`` (see :class:`_Recipe`); returns ``t``."""
-    setattr(t, _RECIPE, _Recipe(fn, *args))
-    return t
-
-
-def _kept(t: torch.Tensor):
-    """What a record keeps of ``t``: its recipe if it has one, else ``t`` detached."""
-    recipe = getattr(t, _RECIPE, None)
-    return recipe if recipe is not None else t.detach()
-
-
-def _value(kept) -> torch.Tensor:
-    """The tensor that :func:`_kept` stands for."""
-    return kept() if isinstance(kept, _Recipe) else kept
-
-
-def _pack(t: torch.Tensor):
-    recipe = getattr(t, _RECIPE, None)
-    return t if recipe is None else recipe
-
-
-def _saving_recipes():
-    """Within: the autograd graph saves a marked tensor as its recipe, recomputed in the backward pass."""
-    return torch.autograd.graph.saved_tensors_hooks(_pack, _value)
-
-
 class _GraphForward:
     """Forward that keeps the autograd graph of its input (if it has one): ``Record(x.detach(), layer(x))``
     (the record keeps ``x``'s recipe where it has one, and so does the graph). The next layer receives the
     graph-connected output; ``lrp`` works on detached values."""
 
     def forward(self, step: Step, x: torch.Tensor, tape) -> Record:
-        with _saving_recipes():
-            return Record(_kept(x), step.layer(x))
+        with saving_recipes():
+            return Record(to_keep(x), step.layer(x))
 
 
 # -- Linear / Conv ---------------------------------------------------------------------------------------------
@@ -196,9 +147,9 @@ class CheferLinearRule(Rule):
         zn = F.linear(x, layer.weight)
         kept = zn.detach()
         if layer.bias is None:
-            return Record(_kept(x), zn, extras={"zn": kept})
-        out = _recomputable(zn + layer.bias, torch.add, kept, layer.bias)  # the record keeps zn, not zn + b
-        return Record(_kept(x), out, extras={"zn": kept})
+            return Record(to_keep(x), zn, extras={"zn": kept})
+        out = recomputable(zn + layer.bias, torch.add, kept, layer.bias)  # the record keeps zn, not zn + b
+        return Record(to_keep(x), out, extras={"zn": kept})
 
     def lrp(self, step: Step, rec: Record, R: torch.Tensor, tape) -> torch.Tensor:
         w = step.layer.weight
@@ -335,7 +286,8 @@ class CheferPositionalEmbeddingRule(_GraphForward, Rule):
 
 class _CheferSplitForward:
     """:class:`~lrpkit.rules.structural.SkipConnectionRule`'s forward that keeps the graph (``y = a + f(a)``, or
-    ``Σ_k f_k(a)``) and keeps the summands as :func:`_kept` does (a Linear branch's output as its recipe)."""
+    ``Σ_k f_k(a)``) and keeps the summands as :func:`~lrpkit.recompute.to_keep` does (a Linear branch's output as
+    its recipe)."""
 
     def forward(self, step: Step, x: torch.Tensor, tape) -> Record:
         outs = [tape.forward(branch, x) for branch in step.children]
@@ -344,11 +296,7 @@ class _CheferSplitForward:
         y = outs[0] + outs[1] if len(outs) > 1 else outs[0].clone()
         for out in outs[2:]:
             y = y.add_(out) if not y.requires_grad else y + out
-        return Record(x.detach(), y, extras={"summands": [_kept(out) for out in outs]})
-
-    @staticmethod
-    def summands(rec: Record) -> list[torch.Tensor]:
-        return [_value(kept) for kept in rec.extras["summands"]]
+        return Record(x.detach(), y, extras={"summands": [to_keep(out) for out in outs]})
 
 
 class CheferSkipConnectionRule(_CheferSplitForward, SkipConnectionRule):
@@ -471,17 +419,17 @@ class CheferAttentionRule(Rule):
 
     def forward(self, step: Step, x: torch.Tensor, tape) -> Record:
         layer, sub = step.layer, step.state
-        with _saving_recipes():
+        with saving_recipes():
             qkv = self.linear_rule.forward(sub["qkv"], x, tape)
-            qkv_out = _kept(qkv.output)  # x W + b, as its recipe from x W
-            q, k, v = (_recomputable(t, _head, layer, qkv_out, i, False)  # a qk-norm's graph saves its input
+            qkv_out = to_keep(qkv.output)  # x W + b, as its recipe from x W
+            q, k, v = (recomputable(t, _head, layer, qkv_out, i, False)  # a qk-norm's graph saves its input
                        for i, t in enumerate(_heads(layer, qkv.output)))
             qr, kr = layer.positions(q, k)  # qk-norm, then the rotary embedding (each the identity if absent)
             # the products as torch.matmul computes them (bmm on per-head copies), the copies marked so that the
             # graph saves them as recipes from x W (the record's) instead of a second copy of q, k and v
-            q_c = _recomputable(_fold(qr), _head, layer, qkv_out, 0, True)
-            k_c = _recomputable(_fold(kr.transpose(-2, -1)), _head, layer, qkv_out, 1, True)
-            v_c = _recomputable(_fold(v), _head, layer, qkv_out, 2, True)
+            q_c = recomputable(_fold(qr), _head, layer, qkv_out, 0, True)
+            k_c = recomputable(_fold(kr.transpose(-2, -1)), _head, layer, qkv_out, 1, True)
+            v_c = recomputable(_fold(v), _head, layer, qkv_out, 2, True)
             dots = torch.bmm(q_c, k_c).view(qr.shape[:-1] + kr.shape[-2:-1])
             attn = _scores(layer, dots, qr).softmax(-1)
             y = torch.bmm(_fold(attn), v_c).view(attn.shape[:-1] + v.shape[-1:])
@@ -494,12 +442,12 @@ class CheferAttentionRule(Rule):
         out = proj.output
         qkv.input = qkv.output = proj.input = proj.output = None
         extras = {"qkv": qkv, "qkv_out": qkv_out, "proj": proj, "attn": attn.detach()}
-        return Record(_kept(x), out, extras=extras)
+        return Record(to_keep(x), out, extras=extras)
 
     def lrp(self, step: Step, rec: Record, R: torch.Tensor, tape) -> torch.Tensor | None:
         layer, sub, e = step.layer, step.state, rec.extras
         with torch.no_grad():
-            q, k, v = _heads(layer, _value(e["qkv_out"]))
+            q, k, v = _heads(layer, value_of(e["qkv_out"]))
             y = _attend(e["attn"], v)
         e["proj"].input = layer.merge_heads(y)
         R_y = layer.split_heads(self.linear_rule.lrp(sub["proj"], e["proj"], R, tape))
@@ -556,7 +504,7 @@ class CheferAttentionRule(Rule):
         embedding), ``v`` (B, heads, N, d), ``dots = qr krᵀ``, ``bias`` (the score bias or None), ``scores`` and
         ``attn`` (B, heads, N, N), ``y = attn v`` (B, heads, N, d)."""
         with torch.no_grad():
-            q, k, v = _heads(layer, _value(rec.extras["qkv_out"]))
+            q, k, v = _heads(layer, value_of(rec.extras["qkv_out"]))
             qn, kn = layer.q_norm(q), layer.k_norm(k)
             qr, kr = layer.rope(qn), layer.rope(kn)
             dots = qr @ kr.transpose(-2, -1)
@@ -598,12 +546,12 @@ def _attend(attn: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
 def _head(layer: SelfAttention, qkv_out, i: int, folded: bool) -> torch.Tensor:
     """Recipe: the ``i``-th of q, k, v from the kept qkv output; ``folded``: normalised and rotated (q, k) and folded
     as the forward's product takes it (kᵀ for k)."""
-    if isinstance(qkv_out, _Recipe) and qkv_out.fn is torch.add:  # x W + b: only the i-th third (element-wise)
+    if isinstance(qkv_out, Recipe) and qkv_out.fn is torch.add:  # x W + b: only the i-th third (element-wise)
         zn, b = qkv_out.args
         with torch.no_grad():
             t = layer.split_heads(torch.add(zn.chunk(3, dim=-1)[i], b.chunk(3)[i]))
     else:
-        t = _heads(layer, _value(qkv_out))[i]
+        t = _heads(layer, value_of(qkv_out))[i]
     if not folded:
         return t
     if i < 2:

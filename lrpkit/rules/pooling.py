@@ -24,7 +24,8 @@ from ..propagate import Record, Step, per_sample
 from ..traits import Traits
 from .base import IncompatibleRuleError, Rule, divide
 from .basic import EpsilonRule
-from .chefer import ATTENTION, ATTENTION_RELEVANCE, SAFE_EPS, CheferLinearRule, _kept, safe_divide
+from ..recompute import to_keep
+from .chefer import ATTENTION, ATTENTION_RELEVANCE, SAFE_EPS, CheferLinearRule, safe_divide
 from .transformer import _linear_rows, _norm_lrp, bilinear_lrp
 
 
@@ -173,7 +174,7 @@ class CheferAttentionPoolRule(Rule):
         if attn.requires_grad:
             tape.hand_out(step, ATTENTION, attn)
         extras = {"kv": kv, "q": q, "kn": kn.detach(), "v": v.detach(), "attn": attn.detach(), "y": y.detach()}
-        return Record(_kept(x), layer.merge_heads(y), extras=extras)
+        return Record(to_keep(x), layer.merge_heads(y), extras=extras)
 
     def lrp(self, step: Step, rec: Record, R: torch.Tensor, tape) -> torch.Tensor | None:
         layer, e = step.layer, rec.extras

@@ -11,6 +11,7 @@ import torch
 
 from ..layers import Multiply, SkipConnection, Sum
 from ..propagate import Record, Step
+from ..recompute import value_of
 from ..traits import Traits
 from .base import Rule, divide, vmapped, writable
 
@@ -31,11 +32,18 @@ class _SplitRule(Rule):
         y = outs[0] + outs[1] if len(outs) > 1 else outs[0].clone()
         for out in outs[2:]:
             y = y.add_(out) if not y.requires_grad else y + out
-        return Record(x.detach(), y, extras={"summands": [out.detach() for out in outs]})
+        first = 1 if isinstance(step.layer, SkipConnection) else 0  # the identity summand a is the record's input
+        kept = outs[:first] + [tape.output_to_keep(branch, out) for branch, out in zip(step.children, outs[first:])]
+        return Record(x.detach(), y, extras={"summands": [t.detach() if torch.is_tensor(t) else t for t in kept]})
+
+    @staticmethod
+    def summands(rec: Record) -> list[torch.Tensor]:
+        """The summands of the recorded sum (a branch's output recomputed where the record keeps its recipe)."""
+        return [value_of(kept) for kept in rec.extras["summands"]]
 
     def lrp(self, step: Step, rec: Record, R: torch.Tensor, tape) -> torch.Tensor:
         s = divide(R, rec.output, self.epsilon, rec.gate)
-        summands = rec.extras["summands"]
+        summands = self.summands(rec)
         if isinstance(step.layer, SkipConnection):  # y = a + f(a): R_in = R_f propagated through f, + a ⊙ s
             a, f = summands
             R_in = tape.backward(step.children[0], f * s)

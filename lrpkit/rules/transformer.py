@@ -220,11 +220,10 @@ class SelfAttentionRule(Rule):
             with torch.no_grad():
                 q, k, v = (layer.split_heads(t) for t in v_rec.output.detach().chunk(3, dim=-1))
                 qn, kn = layer.q_norm(q), layer.k_norm(k)
-                scores = layer.scores(layer.rope(qn), layer.rope(kn))
-                y = scores.softmax(-1) @ v
-            # A = softmax(S), the rotated q and k and y (the out projection's input) are recomputed in lrp, not
-            # kept: the record holds one (B, H, N, N) tensor per block instead of two
-            extras = {"value": v_rec, "q": q, "k": k, "qn": qn, "kn": kn, "v": v, "scores": scores}
+                y = layer.scores(layer.rope(qn), layer.rope(kn)).softmax(-1) @ v
+            # the scores S, A = softmax(S), the rotated q and k are recomputed in lrp (the same operations, the
+            # same numbers), not kept: the record holds no (B, H, N, N) tensor; y is the out projection's input
+            extras = {"value": v_rec, "q": q, "k": k, "qn": qn, "kn": kn, "v": v}
         o_rec = self.out_rule.forward(sub["out"], layer.merge_heads(y), tape)
         extras["out"], extras["batch"] = o_rec, x.shape[0]
         return Record(x, layer.ungroup(o_rec.output.detach(), x.shape[0]), extras=extras)
@@ -262,7 +261,8 @@ class SelfAttentionRule(Rule):
         # The uniform rule of both products in closed form (bilinear_lrp's values, without a second product and an
         # autograd graph): for O = X Y with s = R_O / (2·stab(O)), R_X = X ⊙ (s Yᵀ) and R_Y = Y ⊙ (Xᵀ s).
         eps = self.epsilon
-        S, qr, kr, v = e["scores"], layer.rope(e["qn"]), layer.rope(e["kn"]), e["v"]
+        qr, kr, v = layer.rope(e["qn"]), layer.rope(e["kn"]), e["v"]
+        S = layer.scores(qr, kr)
         A, y = S.softmax(-1), layer.split_heads(e["out"].input)  # as the forward computed them
         s = divide(R_y, y, eps).mul_(0.5)  # y = A v
         R_v = v * (A.transpose(-2, -1) @ s)
