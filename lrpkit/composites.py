@@ -250,5 +250,7 @@ def format_table(slots: list[LayerSlot]) -> str:
 
 
 def _short(layer: nn.Module) -> str:
-    text = repr(layer).split("\n")[0]
+    """``Type(extra_repr)`` on one line (a layer with submodules, as SelfAttention, prints over several lines),
+    cut at 60 characters."""
+    text = f"{type(layer).__name__}({layer.extra_repr()})".replace("\n", " ")
     return text if len(text) <= 60 else text[:57] + "..."

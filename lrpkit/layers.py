@@ -424,6 +424,11 @@ class SelfAttention(nn.Module):
         """d, the width of one head: ``qkv.out_features / (3 · num_heads)``."""
         return self.qkv.out_features // (3 * self.num_heads)
 
+    def extra_repr(self) -> str:
+        extras = [name for name, on in (("bias", self.attn_bias is not None), ("rope", not isinstance(
+            self.rope, nn.Identity)), ("qk_norm", not isinstance(self.q_norm, nn.Identity))) if on]
+        return ", ".join([f"heads={self.num_heads}, head_dim={self.head_dim}"] + extras)
+
     def split_heads(self, t: torch.Tensor) -> torch.Tensor:
         """(B, N, H·d) -> (B, H, N, d)."""
         return rearrange(t, "b n (h d) -> b h n d", h=self.num_heads)  # a view of t, as t.view(...).transpose(1, 2)

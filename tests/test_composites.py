@@ -178,3 +178,15 @@ def test_composite_errors(chain):
 
     with pytest.raises(rules.IncompatibleRuleError, match=r"no rule for: 1 .*Unknown"):
         Composite().assign(Chain([nn.Linear(2, 2), Unknown()]))
+
+
+def test_the_rule_table_shows_every_layer_on_one_line():
+    # a layer with submodules (SelfAttention holds its qkv and proj Linear layers) prints over several lines; the
+    # table shows its type and its own settings, one row per step
+    from helpers import tiny_vit
+
+    lrp = lrpkit.LRP(tiny_vit())
+    rows = lrp.table().split("\n")
+    assert len(rows) == 1 + len(lrp.all_steps)
+    attention = [r for r in rows if "blocks.0.attn " in r and "SelfAttentionRule" in r]
+    assert len(attention) == 1 and "SelfAttention(heads=2, head_dim=16)" in attention[0]

@@ -6,9 +6,17 @@ methods, ``lrpkit evaluate`` and the command line ask the family (:func:`family_
 or attribute names. Adding a family is one module that calls :func:`register_family`, plus its tests; see
 docs/canonization.md ("Adding a model family") for a worked example.
 
-Built in: ``timm-vit`` (:mod:`lrpkit.families.timm_vit`), ``torchvision-cnn``
-(:mod:`lrpkit.families.torchvision_cnn`) and ``generic`` (any ``nn.Sequential`` or
-:class:`~lrpkit.layers.Chain` of layers that have rules), which answers every question from the canonized chain.
+Built in:
+
+- transformers: ``timm-vit`` (:mod:`lrpkit.families.timm_vit`: ViT, DeiT, registers, distilled, and attention
+  pooling ``global_pool='map'`` as in SigLIP), ``timm-swin`` (:mod:`~lrpkit.families.timm_swin`), ``timm-eva``
+  (:mod:`~lrpkit.families.timm_eva`: EVA-02), ``timm-beit`` (:mod:`~lrpkit.families.timm_beit`);
+- CNNs: ``torchvision-cnn`` (:mod:`lrpkit.families.torchvision_cnn`: VGG, ResNet), ``timm-resnet``
+  (:mod:`~lrpkit.families.timm_resnet`: ResNet, ResNet-D, SE/ECA-ResNet, ResNeXt, Wide ResNet),
+  ``timm-efficientnet`` (:mod:`~lrpkit.families.timm_efficientnet`: EfficientNet, MobileNetV3), ``timm-convnext``
+  (:mod:`~lrpkit.families.timm_convnext`: ConvNeXt V1 and V2);
+- ``generic``: any ``nn.Sequential`` or :class:`~lrpkit.layers.Chain` of layers that have rules, which answers
+  every question from the canonized chain.
 """
 
 from __future__ import annotations
