@@ -376,7 +376,7 @@ def test_composite_rule_table():
               "blocks.0.attn SkipConnection": "CheferSkipConnectionRule(",
               "blocks.0.norm1 LayerNormalize()": "CheferPassRule()",
               "blocks.0.norm1 Scale()": "CheferPassRule()",
-              "blocks.0.attn SelfAttention(": "CheferAttentionRule(linear_rule=CheferLinearRule(",
+              "blocks.0.attn SelfAttention(heads=2,": "CheferAttentionRule(linear_rule=CheferLinearRule(",
               "blocks.2.mlp.fc1 Linear(in_features=32,": "CheferLinearRule(",
               "blocks.2.mlp.act GELU(approximate='none')": "CheferPassRule()",
               "norm LayerNormalize()": "CheferPassRule()",
