@@ -176,7 +176,8 @@ def test_model_is_untouched():
     model.stem.register_forward_hook(lambda *a: calls.append(1))
     state = {k: v.clone() for k, v in model.state_dict().items()}
     flags = [p.requires_grad for p in model.parameters()]
-    e = lrpkit.LRP(model, presets.EpsilonPlusFlat())(image(1))
+    with pytest.warns(UserWarning, match="training mode"):
+        e = lrpkit.LRP(model, presets.EpsilonPlusFlat())(image(1))
     assert torch.isfinite(e.relevance).all()
     assert model.training and not calls
     assert [p.requires_grad for p in model.parameters()] == flags
