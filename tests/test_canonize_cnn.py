@@ -267,3 +267,25 @@ def test_softmax_at_the_output(softmax):
 def test_canonize_needs_a_module():
     with pytest.raises(TypeError, match="torch.nn.Module"):
         lrpkit.canonize(lambda x: x)
+
+
+def test_overridden_names_the_first_method_a_subclass_redefines():
+    from lrpkit.canonize.core import overridden
+
+    class Base(nn.Module):
+        def forward(self, x):
+            return x
+
+        def forward_head(self, x):
+            return x
+
+    class Same(Base):
+        pass
+
+    class Other(Base):
+        def forward_head(self, x):
+            return 2 * x
+
+    assert overridden(Same(), Base, ("forward", "forward_head")) is None
+    assert overridden(Other(), Base, ("forward", "forward_head")) == "forward_head"
+    assert overridden(Other(), Base) is None  # only forward is asked by default

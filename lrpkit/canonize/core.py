@@ -37,6 +37,13 @@ def copy_layer(layer: nn.Module) -> nn.Module:
     return new
 
 
+def overridden(module: nn.Module, base: type, methods=("forward",)) -> str | None:
+    """The first of ``methods`` that ``module``'s class defines otherwise than ``base`` (a subclass that computes
+    something else than the class a canonizer knows), or None. Canonizers refuse such a module."""
+    return next((name for name in methods if getattr(type(module), name, None) is not getattr(base, name, None)),
+                None)
+
+
 def join(path: str, name: str) -> str:
     """The dotted module path of child ``name`` under ``path`` (``join("", "fc")`` is ``"fc"``,
     ``join("blocks.0", "fc")`` is ``"blocks.0.fc"``): the names the chain and ``NameMap`` use."""

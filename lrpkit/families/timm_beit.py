@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..canonize.core import CanonizationError, copy_layer, flatten, join, make_chain
+from ..canonize.core import CanonizationError, copy_layer, flatten, join, make_chain, overridden
 from ..layers import Scale, SelectClassToken, SelfAttention, SkipConnection, TokenMean
 from . import Family, register_family
 from .timm_vit import VIT_METHODS, _embedding, _is_identity, _mlp, _norm, vit_geometry
@@ -56,9 +56,9 @@ def _unsupported(model, what: str, fix: str = "") -> CanonizationError:
 def _check_model(model) -> None:
     from timm.models.beit import Beit
 
-    for name in _FORWARD_METHODS:
-        if getattr(type(model), name, None) is not getattr(Beit, name, None):
-            raise _unsupported(model, f"a subclass of Beit that overrides {name}()")
+    name = overridden(model, Beit, _FORWARD_METHODS)
+    if name is not None:
+        raise _unsupported(model, f"a subclass of Beit that overrides {name}()")
     if getattr(model, "rel_pos_bias", None) is not None:
         raise _unsupported(model, "the shared relative position bias (use_shared_rel_pos_bias=True)",
                            "none of timm's named BEiT models uses it; use a relative position bias per block "

@@ -38,7 +38,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..canonize.core import CanonizationError, copy_layer, join, make_chain
+from ..canonize.core import CanonizationError, copy_layer, join, make_chain, overridden
 from ..layers import GlobalResponseNormalize, LayerNormalize, Permute, Scale, SkipConnection, Sum
 from . import GENERIC, Family, Geometry, preset_composite, register_family
 
@@ -57,9 +57,9 @@ def _check_forward(module: nn.Module, base: type, path: str, methods=("forward",
     computes something else)."""
     if not isinstance(module, base):
         raise _unsupported(f"the module {path or '<model>'} ({type(module).__name__}, expected {base.__name__})")
-    for name in methods:
-        if getattr(type(module), name, None) is not getattr(base, name, None):
-            raise _unsupported(f"a subclass of {base.__name__} that overrides {name}() ({path or '<model>'})")
+    name = overridden(module, base, methods)
+    if name is not None:
+        raise _unsupported(f"a subclass of {base.__name__} that overrides {name}() ({path or '<model>'})")
 
 
 def _conv(conv: nn.Module, path: str) -> list:

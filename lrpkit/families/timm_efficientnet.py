@@ -48,7 +48,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..canonize.core import CanonizationError, copy_layer, flatten, join, make_chain
+from ..canonize.core import CanonizationError, copy_layer, flatten, join, make_chain, overridden
 from ..layers import Chain, Multiply, SkipConnection
 from . import GENERIC, Family, Geometry, preset_composite, register_family
 
@@ -102,9 +102,9 @@ def _is_identity_in_eval(m) -> bool:
 
 def _check_forward(module, base, path: str, methods=("forward",)) -> None:
     """Refuse a subclass of ``base`` that overrides a method of its forward pass (e.g. timm's CondConvResidual)."""
-    for name in methods:
-        if getattr(type(module), name, None) is not getattr(base, name, None):
-            raise _unsupported(module, path, f"a subclass of {base.__name__} that overrides {name}()")
+    name = overridden(module, base, methods)
+    if name is not None:
+        raise _unsupported(module, path, f"a subclass of {base.__name__} that overrides {name}()")
 
 
 # -- layers ------------------------------------------------------------------------------------------------------

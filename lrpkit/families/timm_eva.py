@@ -56,7 +56,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..canonize.core import CanonizationError, copy_layer, join, make_chain
+from ..canonize.core import CanonizationError, copy_layer, join, make_chain, overridden
 from ..layers import Multiply, Rotary, Scale, SelectClassToken, SelfAttention, SkipConnection, TokenMean
 from . import Family, register_family
 from .timm_vit import _embedding, _is_identity, _norm, vit_geometry
@@ -206,9 +206,9 @@ def _block(block, path: str, model) -> list:
 def _check_model(model) -> None:
     from timm.models.eva import Eva
 
-    for name in _FORWARD_METHODS:
-        if getattr(type(model), name, None) is not getattr(Eva, name, None):
-            raise _unsupported(model, f"a subclass of Eva that overrides {name}()")
+    name = overridden(model, Eva, _FORWARD_METHODS)
+    if name is not None:
+        raise _unsupported(model, f"a subclass of Eva that overrides {name}()")
     if model.dynamic_img_size:
         raise _unsupported(model, "dynamic_img_size (the rotary and positional embeddings follow the input's "
                                   "grid; create the model with a fixed img_size)")

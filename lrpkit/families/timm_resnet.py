@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..canonize.core import CanonizationError, copy_layer, flatten, join, make_chain
+from ..canonize.core import CanonizationError, copy_layer, flatten, join, make_chain, overridden
 from ..layers import Chain, Multiply, SkipConnection, Sum
 from . import GENERIC, Family, Geometry, preset_composite, register_family
 
@@ -61,9 +61,9 @@ def _check_forward(module, base: type, what: str) -> None:
     """Refuse a subclass of ``base`` that changes one of its forward methods."""
     if not isinstance(module, base):
         raise _unsupported(f"{what} ({type(module).__name__})")
-    for name in _FORWARD_METHODS:
-        if getattr(type(module), name, None) is not getattr(base, name, None):
-            raise _unsupported(f"a subclass of {base.__name__} that overrides {name}() ({what})")
+    name = overridden(module, base, _FORWARD_METHODS)
+    if name is not None:
+        raise _unsupported(f"a subclass of {base.__name__} that overrides {name}() ({what})")
 
 
 def _blur(pool, path: str) -> list:

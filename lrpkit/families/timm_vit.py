@@ -47,7 +47,7 @@ from torch import nn
 
 from ..layers import (AttentionPool, Chain, ClassToken, LayerNormalize, PatchFlatten, PositionalEmbedding, Scale,
                       SelectClassToken, SelfAttention, SkipConnection, Sum, TokenMean)
-from ..canonize.core import CanonizationError, copy_layer, flatten, join, make_chain
+from ..canonize.core import CanonizationError, copy_layer, flatten, join, make_chain, overridden
 from . import Family, Geometry, preset_composite, register_family
 
 # the methods of VisionTransformer that make up its forward pass: a subclass that overrides one of them computes
@@ -135,9 +135,9 @@ def _check_type(model) -> None:
     from timm.models.vision_transformer import VisionTransformer
 
     base = VisionTransformerDistilled if _is_distilled(model) else VisionTransformer
-    for name in _FORWARD_METHODS:
-        if getattr(type(model), name, None) is not getattr(base, name, None):
-            raise _unsupported(model, f"a subclass of {base.__name__} that overrides {name}()")
+    name = overridden(model, base, _FORWARD_METHODS)
+    if name is not None:
+        raise _unsupported(model, f"a subclass of {base.__name__} that overrides {name}()")
 
 
 def _prefix_tokens(model) -> tuple[list[torch.Tensor], list[str]]:
