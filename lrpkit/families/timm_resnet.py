@@ -36,7 +36,7 @@ from __future__ import annotations
 
 from torch import nn
 
-from ..canonize.core import CanonizationError, copy_layer, flatten, join, make_chain, overridden
+from ..canonize.core import CanonizationError, copy_layer, join, make_chain, overridden
 from ..layers import Chain, Multiply, SkipConnection, Sum
 from . import GENERIC, Family, Geometry, preset_composite, register_family
 

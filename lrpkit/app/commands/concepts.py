@@ -154,7 +154,7 @@ def run(args) -> int:
 
     from ... import LRP
     from .. import viz, zoo
-    from ._common import torch_threads
+    from ._common import load_model, torch_threads
     from .explain import image_paths, output_names, resolve_device, resolve_target
 
     _check_options(args)
@@ -162,11 +162,7 @@ def run(args) -> int:
     paths = image_paths(args.images)
     device = resolve_device(args.device)
     out = Path(args.out)
-    torch.manual_seed(args.seed)  # the random weights of a model given without --weights
-    model, prep = zoo.load_model(args.model, args.weights)
-    model = model.to(device)
-    if args.weights is None and args.model not in zoo.DEMO_MODELS:
-        print(f"note: no --weights given: {args.model} has random weights (seed {args.seed})", file=sys.stderr)
+    model, prep = load_model(args, device)
     lrp = LRP(model)
     layer = args.layer
     count = _channel_count(lrp, layer, prep.normalize(prep.load(paths[0]))[None].to(device))

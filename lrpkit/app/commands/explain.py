@@ -11,7 +11,6 @@ import argparse
 import csv
 import difflib
 import json
-import sys
 from pathlib import Path
 
 #: File suffixes taken from a folder given as IMAGE (case-insensitive).
@@ -283,7 +282,7 @@ def run(args) -> int:
     import torch
 
     from .. import method_registry, viz, zoo
-    from ._common import torch_threads
+    from ._common import load_model, torch_threads
 
     _check_options(args)
     torch_threads(args.threads)
@@ -296,12 +295,7 @@ def run(args) -> int:
     if args.labels is not None and not Path(args.labels).is_file():
         raise FileNotFoundError(f"labels file not found: {args.labels}")
 
-    torch.manual_seed(args.seed)  # the random weights of a model given without --weights
-    model, prep = zoo.load_model(args.model, args.weights, args.num_classes)
-    if args.weights is None and args.model not in zoo.DEMO_MODELS:
-        print(f"note: no --weights given: {args.model} has random weights (seed {args.seed}); nothing is "
-              f"downloaded", file=sys.stderr)
-    model = model.to(device)
+    model, prep = load_model(args, device, args.num_classes)
     explainers = {name: method_registry.make_method(name, model, prep, args.seed) for name in methods}
 
     names = output_names(paths)
