@@ -12,6 +12,19 @@ def tiny_vit(seed=0, **kw):
     return VisionTransformer(**args).eval()
 
 
+def image(batch=2, size=32, dtype=torch.float32, seed=1):
+    """A batch (batch, 3, H, W) of standard normal values, drawn after ``torch.manual_seed(seed)``; ``size`` is an
+    int or (H, W). (The family tests' input images.)"""
+    torch.manual_seed(seed)
+    size = (size, size) if isinstance(size, int) else size
+    return torch.randn(batch, 3, *size, dtype=dtype)
+
+
+def relative(a, b):
+    """``max |a − b| / max |b|``: the error of ``a`` relative to the scale of ``b``."""
+    return ((a - b).abs().max() / b.abs().max()).item()
+
+
 # -- shared by the CNN family tests (tests/test_family_timm_*.py, tests/test_reference_cnn.py) --------------------
 
 def randomize_bn(model, seed=0):

@@ -8,10 +8,7 @@ from torch import nn
 
 import lrpkit
 from lrpkit.layers import Chain, SkipConnection, Sum
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
+from helpers import relative
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -124,7 +121,7 @@ def test_batchnorm_fusion(kind, bias, affine):
     assert len(chain) == 1 and type(chain[0]) is type(layer)
     x = torch.randn(shape)
     with torch.no_grad():
-        assert rel_err(chain(x), model(x)) < 1e-5
+        assert relative(chain(x), model(x)) < 1e-5
 
 
 def test_batchnorm_without_a_linear_before_it_is_kept(randomize_bn):
@@ -137,7 +134,7 @@ def test_batchnorm_without_a_linear_before_it_is_kept(randomize_bn):
                                         nn.Linear]
     x = torch.rand(2, 3, 6, 6)
     with torch.no_grad():
-        assert rel_err(chain(x), model(x)) < 1e-5
+        assert relative(chain(x), model(x)) < 1e-5
     expl = lrpkit.analyze(model, x)
     assert torch.isfinite(expl.relevance).all()
 
@@ -159,7 +156,7 @@ def test_batchnorm1d_over_tokens_after_a_linear_is_kept():
     chain = lrpkit.canonize(model)
     assert [type(m) for m in chain] == [nn.Linear, nn.BatchNorm1d, nn.Flatten, nn.Linear]
     with torch.no_grad():
-        assert rel_err(chain(x), model(x)) < 1e-6
+        assert relative(chain(x), model(x)) < 1e-6
 
 
 def test_batchnorm1d_fused_into_a_linear_refuses_token_input():
@@ -176,7 +173,7 @@ def test_batchnorm1d_fused_into_a_linear_refuses_token_input():
     flat = nn.Sequential(model[0], model[1]).eval()
     x2 = torch.randn(3, 3)
     with torch.no_grad():
-        assert rel_err(lrpkit.canonize(flat)(x2), flat(x2)) < 1e-6
+        assert relative(lrpkit.canonize(flat)(x2), flat(x2)) < 1e-6
     assert lrpkit.analyze(flat, x2, target=0).relevance.shape == (3, 3)
 
 
@@ -200,7 +197,7 @@ def test_torchvision_forward_equality(name, randomize_bn):
     with torch.no_grad():
         expected = model(x)
         assert expected.abs().max() > 1e-6
-        assert rel_err(chain(x), expected) < 1e-5
+        assert relative(chain(x), expected) < 1e-5
     leaves = [m for m in chain.modules() if not isinstance(m, (Chain, SkipConnection, Sum, nn.ModuleList))]
     assert not any(isinstance(m, (nn.BatchNorm2d, nn.Dropout)) for m in leaves)
     if name.startswith("resnet"):

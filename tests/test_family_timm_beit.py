@@ -21,16 +21,17 @@ from timm.layers import LayerNorm
 from timm.models.beit import Attention, Beit
 
 import lrpkit
-from lrpkit import Composite, GlobalTypeMap, presets
+from lrpkit import presets
 from lrpkit.canonize import CanonizationError
 from lrpkit.families import family_of
-from lrpkit.layers import (ClassToken, LayerNormalize, PositionalEmbedding, Scale, SelectClassToken, SelfAttention,
-                           SkipConnection, TokenMean)
+from lrpkit.layers import SelectClassToken, SelfAttention
 from lrpkit.methods import (AttentionGradCAM, AttentionRollout, GenericAttention, GradientRollout, PartialLRP,
                             RawAttention, TransformerAttribution)
 from lrpkit.methods.chefer import chefer_composite
-from lrpkit.rules import SelfAttentionRule, SkipConnectionRule
+from lrpkit.rules import SelfAttentionRule
 from lrpkit.rules.chefer import ATTENTION_RELEVANCE, safe_divide
+from helpers import image, relative
+from reference_patches import half_grad, layer_norm_detached, ratio_forward
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
 
@@ -68,15 +69,6 @@ def small_beit(config="rel-pos+layer-scale+avg", dtype=torch.float32, seed=0, ze
     torch.manual_seed(seed)
     model = Beit(**{**SMALL, **CONFIGS[config], **kw}).eval()
     return perturb(model, seed, zero_bias).to(dtype)
-
-
-def image(batch=2, size=32, dtype=torch.float32, seed=1):
-    torch.manual_seed(seed)
-    return torch.randn(batch, 3, size, size, dtype=dtype)
-
-
-def relative(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 # -- canonization: exact forward ------------------------------------------------------------------------------------
@@ -219,26 +211,6 @@ def test_model_is_untouched():
 
 # -- the reference: gradient × input of the patched timm model ------------------------------------------------------
 
-def half_grad(t):
-    """Identity forward, half the gradient backward (the uniform rule's share for one factor of a product)."""
-    return 0.5 * t + 0.5 * t.detach()
-
-
-def _layer_norm_detached(self, x):
-    sigma = torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + self.eps).detach()
-    y = (x - x.mean(-1, keepdim=True)) / sigma
-    if self.weight is not None:
-        y = y * self.weight
-    return y if self.bias is None else y + self.bias
-
-
-def _ratio(self, x):
-    """``x · (f(x)/x).detach()``: the activation passes f(x)/x backward (0 at x = 0, where LRP passes R = 0)."""
-    y = type(self).forward(self, x)
-    safe = torch.where(x == 0, torch.ones_like(x), x)
-    return x * torch.where(x == 0, torch.zeros_like(x), y / safe).detach()
-
-
 def _attention(self, x, shared_rel_pos_bias=None, mode="cp"):
     """timm BEiT's attention from its own parameters, with A detached (cp) or half gradients through both factors
     of ``q kᵀ`` and ``A v`` (attnlrp); the relative position bias is a constant summand of the scores."""
@@ -259,9 +231,9 @@ def patched(model, mode):
     ref = copy.deepcopy(model)
     for m in ref.modules():
         if isinstance(m, LayerNorm):
-            m.forward = types.MethodType(_layer_norm_detached, m)
+            m.forward = types.MethodType(layer_norm_detached, m)
         elif isinstance(m, torch.nn.GELU):
-            m.forward = types.MethodType(_ratio, m)
+            m.forward = types.MethodType(ratio_forward, m)
         elif isinstance(m, Attention):
             m.forward = types.MethodType(lambda self, x, shared_rel_pos_bias=None: _attention(self, x, mode=mode), m)
     return ref

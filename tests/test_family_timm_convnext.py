@@ -15,7 +15,6 @@ import types
 import pytest
 import timm
 import torch
-import torch.nn.functional as F
 from timm.layers import LayerNorm, LayerNorm2d
 from timm.layers.grn import GlobalResponseNorm
 from timm.models.convnext import ConvNeXt
@@ -26,7 +25,9 @@ from lrpkit.canonize import CanonizationError
 from lrpkit.families import family_of
 from lrpkit.layers import GlobalResponseNormalize, LayerNormalize, Permute, Scale, SkipConnection, Sum
 from lrpkit.rules import EpsilonRule, GlobalResponseNormRule, LayerNormRule, PermuteRule
-from helpers import assert_batch_independent, assert_finite, cnn_presets, edge_inputs, epsilon_everywhere
+from helpers import (assert_batch_independent, assert_finite, cnn_presets, edge_inputs, epsilon_everywhere, image,
+                     relative)
+from reference_patches import layer_norm_detached, ratio_forward
 
 SMALL = dict(depths=(1, 2, 1, 1), dims=(8, 16, 24, 32), num_classes=5)
 
@@ -58,15 +59,6 @@ def small_convnext(config="v1-linear-mlp", dtype=torch.float32, seed=0, **kw):
     torch.manual_seed(seed)
     model = ConvNeXt(**{**SMALL, **CONFIGS[config], **kw}).eval()
     return perturb(model, seed).to(dtype)
-
-
-def image(batch=2, size=32, dtype=torch.float32, seed=1):
-    torch.manual_seed(seed)
-    return torch.randn(batch, 3, size, size, dtype=dtype)
-
-
-def relative(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 # -- canonization: exact forward ------------------------------------------------------------------------------------
@@ -238,41 +230,21 @@ def test_permute_rule_moves_relevance_back():
 
 # -- the reference: gradient × input of the patched timm model ------------------------------------------------------
 
-def _layer_norm_detached(self, x):
-    channels_first = isinstance(self, LayerNorm2d)
-    if channels_first:
-        x = x.permute(0, 2, 3, 1)
-    sigma = torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + self.eps).detach()
-    y = (x - x.mean(-1, keepdim=True)) / sigma
-    if self.weight is not None:
-        y = y * self.weight
-    if self.bias is not None:
-        y = y + self.bias
-    return y.permute(0, 3, 1, 2) if channels_first else y
-
-
 def _grn_detached(self, x):
     g = x.norm(p=2, dim=self.spatial_dim, keepdim=True)
     n = (g / (g.mean(dim=self.channel_dim, keepdim=True) + self.eps)).detach()
     return x + self.bias.view(self.wb_shape) + self.weight.view(self.wb_shape) * (x * n)
 
 
-def _ratio(self, x):
-    """``x · (f(x)/x).detach()``: the activation passes f(x)/x backward (0 at x = 0, where LRP passes R = 0)."""
-    y = type(self).forward(self, x)
-    safe = torch.where(x == 0, torch.ones_like(x), x)
-    return x * torch.where(x == 0, torch.zeros_like(x), y / safe).detach()
-
-
 def patched(model):
     ref = copy.deepcopy(model)
     for m in ref.modules():
         if isinstance(m, (LayerNorm, LayerNorm2d)):
-            m.forward = types.MethodType(_layer_norm_detached, m)
+            m.forward = types.MethodType(layer_norm_detached, m)
         elif isinstance(m, GlobalResponseNorm):
             m.forward = types.MethodType(_grn_detached, m)
         elif isinstance(m, (torch.nn.GELU, torch.nn.ReLU)) or type(m).__name__ in ("GELU", "GELUTanh"):
-            m.forward = types.MethodType(_ratio, m)
+            m.forward = types.MethodType(ratio_forward, m)
     return ref
 
 

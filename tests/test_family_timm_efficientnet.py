@@ -26,7 +26,7 @@ from lrpkit.layers import Multiply, SkipConnection
 from lrpkit.rules import (AlphaBetaRule, EpsilonRule, FlatRule, PassRule, ProductRule, SkipConnectionRule, ZBoxRule,
                           ZPlusRule)
 from helpers import (assert_batch_independent, assert_finite, cnn_presets, edge_inputs, epsilon_everywhere,
-                     randomize_bn)
+                     randomize_bn, relative)
 
 timm = pytest.importorskip("timm")
 from timm.layers import get_act_layer  # noqa: E402
@@ -55,10 +55,6 @@ def tiny(cls=EfficientNet, arch=ARCH, dtype=torch.float32, seed=0, **kw):
     args = dict(block_args=decode_arch_def(arch), num_features=24, stem_size=8, num_classes=5, act_layer=nn.SiLU)
     args.update(kw)
     return randomize_bn(cls(**args), seed).eval().to(dtype)
-
-
-def rel_err(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 # -- exact forward -----------------------------------------------------------------------------------------------
@@ -95,7 +91,7 @@ def check_forward(model_fn, shape):
         x = torch.randn(*shape, dtype=dtype)
         with torch.no_grad():
             expected = model(x)
-            assert rel_err(chain(x), expected) < tol, dtype
+            assert relative(chain(x), expected) < tol, dtype
 
 
 @pytest.mark.parametrize("name", NAMED)
@@ -136,7 +132,7 @@ def test_batchnormact_in_a_sequential_keeps_its_activation():
     assert [type(m) for m in chain] == [nn.Conv2d, nn.ReLU, nn.Conv2d]
     x = torch.randn(2, 3, 9, 9)
     with torch.no_grad():
-        assert rel_err(chain(x), model(x)) < 1e-5
+        assert relative(chain(x), model(x)) < 1e-5
 
 
 def test_mobilenetv3_pools_before_the_head_convolution():
@@ -417,7 +413,7 @@ def test_tiny_configurations_equal_the_reference():
         x = torch.randn(2, 3, 29, 31, dtype=torch.float64)
         ref, _ = reference_relevance(model, x)
         e = lrpkit.LRP(model, epsilon_everywhere(1e-16))(x, normalize_output=False)
-        assert rel_err(e.relevance, ref) < 1e-9, config
+        assert relative(e.relevance, ref) < 1e-9, config
 
 
 # -- the user's model, batches ------------------------------------------------------------------------------------

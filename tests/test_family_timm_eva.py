@@ -22,16 +22,17 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from timm.layers import GluMlp, LayerNorm, SwiGLU, apply_rot_embed_cat
+from timm.layers import GluMlp, SwiGLU, apply_rot_embed_cat
 from timm.models.eva import Eva, EvaAttention
 
 import lrpkit
 from lrpkit import Composite, GlobalTypeMap, presets
 from lrpkit.canonize import CanonizationError
 from lrpkit.families import family_of
-from lrpkit.layers import (Chain, ClassToken, LayerNormalize, Multiply, PositionalEmbedding, Rotary, Scale,
-                           SelectClassToken, SelfAttention, SkipConnection, TokenMean)
+from lrpkit.layers import Chain, Multiply, Rotary, SelfAttention
 from lrpkit.rules import EpsilonRule, PassRule, ProductRule, SelfAttentionRule
+from helpers import image as normal_image, relative
+from reference_patches import half_grad, ratio, ratio_forward
 
 D = torch.float64
 BASE = dict(img_size=42, patch_size=14, embed_dim=32, depth=2, num_heads=2, num_classes=5, mlp_ratio=4 * 2 / 3,
@@ -71,17 +72,12 @@ def small_eva(config="glu+fused-qkv", dtype=torch.float32, seed=0, zero_bias=Fal
     return perturb(model, seed, zero_bias).to(dtype)
 
 
-def image(batch=2, size=42, dtype=torch.float32, seed=1):
-    torch.manual_seed(seed)
-    return torch.randn(batch, 3, size, size, dtype=dtype)
+def image(batch=2, size=BASE["img_size"], dtype=torch.float32, seed=1):
+    return normal_image(batch, size, dtype, seed)
 
 
 def size_of(config):
     return {**BASE, **CONFIGS[config]}["img_size"]
-
-
-def relative(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 # -- canonization: exact forward ------------------------------------------------------------------------------------
@@ -398,18 +394,6 @@ def test_presets_map_the_product_and_attention_rules(preset):
 
 # -- the reference: gradient × input of the patched timm model ------------------------------------------------------
 
-def half_grad(x):
-    """Identity forward, half the gradient backward (the uniform rule's share for one factor of a product)."""
-    return 0.5 * x + 0.5 * x.detach()
-
-
-def _ratio(fn, x):
-    """``x · (f(x)/x).detach()``: the activation passes f(x)/x backward (0 at x = 0, where LRP passes R = 0)."""
-    y = fn(x)
-    safe = torch.where(x == 0, torch.ones_like(x), x)
-    return x * torch.where(x == 0, torch.zeros_like(x), y / safe).detach()
-
-
 def _layer_norm(self, x):
     sigma = torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + self.eps).detach()
     y = (x - x.mean(-1, keepdim=True)) / sigma
@@ -449,7 +433,7 @@ def _gated(mode):
         else:  # GluMlp: the gate is act(x1) for gate_last=False
             x1, x2 = self.fc1(x).chunk(2, dim=-1)
             x_up, x_gate = (x1, x2) if self.gate_last else (x2, x1)
-        gate = _ratio(self.act, x_gate)
+        gate = ratio(self.act, x_gate)
         h = gate.detach() * x_up if mode == "cp" else half_grad(gate) * half_grad(x_up)
         return self.fc2(self.norm(h))
     return forward
@@ -465,7 +449,7 @@ def patched(model, mode):
         elif isinstance(m, (GluMlp, SwiGLU)):
             m.forward = types.MethodType(_gated(mode), m)
         elif isinstance(m, (torch.nn.GELU, torch.nn.SiLU)):
-            m.forward = types.MethodType(lambda self, x: _ratio(lambda z: type(self).forward(self, z), x), m)
+            m.forward = types.MethodType(ratio_forward, m)
     return ref
 
 

@@ -11,7 +11,6 @@ import copy
 import pytest
 import timm
 import torch
-from torch import nn
 
 import lrpkit
 from lrpkit import presets, rules

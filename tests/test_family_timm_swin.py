@@ -29,6 +29,8 @@ from lrpkit.layers import (Chain, LayerNormalize, Permute, Scale, SelfAttention,
                            TokenMean, WindowSelfAttention)
 from lrpkit.rules import (EpsilonRule, LayerNormRule, PermuteRule, SelfAttentionRule, SkipConnectionRule,
                           SpaceToDepthRule, TokenMeanRule)
+from helpers import image, relative
+from reference_patches import half_grad, layer_norm_detached, ratio_forward
 
 SMALL = dict(img_size=32, patch_size=2, embed_dim=16, depths=(2, 2), num_heads=(2, 2), window_size=4,
              num_classes=5)
@@ -77,19 +79,9 @@ def small_swin(config="shifted", dtype=torch.float32, seed=0, zero_bias=False, *
     return perturb(model, seed, zero_bias).to(dtype)
 
 
-def image(batch=2, size=(32, 32), dtype=torch.float32, seed=1):
-    torch.manual_seed(seed)
-    size = (size, size) if isinstance(size, int) else size
-    return torch.randn(batch, 3, *size, dtype=dtype)
-
-
 def image_for(config, batch=2, dtype=torch.float32):
     size = {**SMALL, **CONFIGS[config]}["img_size"]
     return image(batch, size, dtype)
-
-
-def relative(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 # -- canonization: exact forward ------------------------------------------------------------------------------------
@@ -454,26 +446,6 @@ def test_bfloat16_stays_close_to_float32():
 
 # -- the reference: gradient × input of the patched timm model ------------------------------------------------------
 
-def half_grad(t):
-    """Identity forward, half the gradient backward (the uniform rule's share for one factor of a product)."""
-    return 0.5 * t + 0.5 * t.detach()
-
-
-def _layer_norm_detached(self, x):
-    sigma = torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + self.eps).detach()
-    y = (x - x.mean(-1, keepdim=True)) / sigma
-    if self.weight is not None:
-        y = y * self.weight
-    return y if self.bias is None else y + self.bias
-
-
-def _ratio(self, x):
-    """``x · (f(x)/x).detach()``: the activation passes f(x)/x backward (0 at x = 0, where LRP passes R = 0)."""
-    y = type(self).forward(self, x)
-    safe = torch.where(x == 0, torch.ones_like(x), x)
-    return x * torch.where(x == 0, torch.zeros_like(x), y / safe).detach()
-
-
 def _window_attention(mode, leaves):
     """timm's WindowAttention.forward from the instance's parameters, CP (A detached) or AttnLRP (half gradients
     through q, k, A and v); the score bias (relative position bias + shift mask, per window) a leaf in ``leaves``."""
@@ -501,9 +473,9 @@ def patched(model, mode, leaves):
     ref = copy.deepcopy(model)
     for m in ref.modules():
         if isinstance(m, torch.nn.LayerNorm):
-            m.forward = types.MethodType(_layer_norm_detached, m)
+            m.forward = types.MethodType(layer_norm_detached, m)
         elif isinstance(m, torch.nn.GELU):
-            m.forward = types.MethodType(_ratio, m)
+            m.forward = types.MethodType(ratio_forward, m)
         elif isinstance(m, WindowAttention):
             m.forward = types.MethodType(_window_attention(mode, leaves), m)
     return ref

@@ -31,6 +31,8 @@ from lrpkit.families import family_of
 from lrpkit.layers import AttentionPool, Chain, SelectClassToken, SelfAttention, SkipConnection, TokenMean
 from lrpkit.rules import (AttentionPoolRule, EpsilonRule, FlatRule, GammaRule, SelectClassTokenRule,
                           SkipConnectionRule, TokenMeanRule, ZBoxRule)
+from helpers import image, relative
+from reference_patches import half_grad, layer_norm_detached, ratio_forward
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5, class_token=False,
              global_pool="map")
@@ -82,15 +84,6 @@ def small_map_vit(config="siglip", dtype=torch.float32, seed=0, zero_bias=False)
                 if name.endswith("bias"):
                     p.zero_()
     return model.to(dtype)
-
-
-def image(batch=2, size=32, dtype=torch.float32, seed=1):
-    torch.manual_seed(seed)
-    return torch.randn(batch, 3, size, size, dtype=dtype)
-
-
-def relative(a, b):
-    return ((a - b).abs().max() / b.abs().max()).item()
 
 
 # -- canonization: exact forward ------------------------------------------------------------------------------------
@@ -162,32 +155,12 @@ def test_unsupported_pool_options_are_clear_errors():
 
 # -- the reference: gradient × input of the patched timm model ------------------------------------------------------
 
-def _layer_norm_detached(self, x):
-    sigma = torch.sqrt(x.var(-1, unbiased=False, keepdim=True) + self.eps).detach()
-    y = (x - x.mean(-1, keepdim=True)) / sigma
-    if self.weight is not None:
-        y = y * self.weight
-    return y if self.bias is None else y + self.bias
-
-
-def _ratio(self, x):
-    """``x · (f(x)/x).detach()``: the activation passes f(x)/x backward (0 at x = 0, where LRP passes R = 0)."""
-    y = type(self).forward(self, x)
-    safe = torch.where(x == 0, torch.ones_like(x), x)
-    return x * torch.where(x == 0, torch.zeros_like(x), y / safe).detach()
-
-
-def _half(t):
-    """Identity forward, half the gradient backward (AttnLRP's uniform rule: each factor of a product gets half)."""
-    return 0.5 * t + 0.5 * t.detach()
-
-
 def _attend(q, k, v, mode):
     """``softmax(q kᵀ) v`` with A detached (CP) or with half the gradient through every factor (AttnLRP)."""
     if mode == "cp":
         return torch.softmax(q @ k.transpose(-2, -1), -1).detach() @ v
-    attn = torch.softmax(_half(q) @ _half(k).transpose(-2, -1), -1)
-    return _half(attn) @ _half(v)
+    attn = torch.softmax(half_grad(q) @ half_grad(k).transpose(-2, -1), -1)
+    return half_grad(attn) @ half_grad(v)
 
 
 def _attention(mode):
@@ -224,9 +197,9 @@ def patched(model, mode, queries):
     ref = copy.deepcopy(model)
     for m in ref.modules():
         if isinstance(m, nn.LayerNorm):  # timm.layers.LayerNorm too
-            m.forward = types.MethodType(_layer_norm_detached, m)
+            m.forward = types.MethodType(layer_norm_detached, m)
         elif isinstance(m, nn.GELU) or type(m).__name__ == "GELUTanh":
-            m.forward = types.MethodType(_ratio, m)
+            m.forward = types.MethodType(ratio_forward, m)
         elif type(m) is Attention:
             m.forward = types.MethodType(_attention(mode), m)
         elif type(m) is AttentionPoolLatent:

@@ -23,6 +23,7 @@ from lrpkit.layers import (ClassToken, LayerNormalize, PatchFlatten, PositionalE
 from lrpkit.rules import (ClassTokenRule, EpsilonRule, FlatRule, GammaRule, LayerNormRule, PatchFlattenRule,
                           PositionalEmbeddingRule, SelectClassTokenRule, SelfAttentionRule, SkipConnectionRule,
                           SumRule, TokenMeanRule, ZBoxRule)
+from reference_patches import half_grad
 
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
@@ -252,11 +253,6 @@ class GeluRatio(torch.autograd.Function):
     def backward(ctx, g):
         x, y = ctx.saved_tensors
         return g * torch.where(x == 0, torch.full_like(x, 0.5), y / torch.where(x == 0, torch.ones_like(x), x))
-
-
-def half_grad(t):
-    """Identity forward, half the gradient backward (the uniform rule's share for one factor of a product)."""
-    return 0.5 * t + 0.5 * t.detach()
 
 
 def layer_norm(x, norm):
