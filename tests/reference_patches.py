@@ -6,7 +6,8 @@ limit that LRP with every stabiliser → 0 must reach:
 - :func:`half_grad`: a factor of a product whose gradient is halved (AttnLRP's uniform rule for products);
 - :func:`ratio` / :func:`ratio_forward`: an element-wise activation that passes ``f(x)/x`` backward, as LRP passes
   its relevance unchanged;
-- :func:`layer_norm_detached`: a LayerNorm with σ held constant.
+- :func:`layer_norm_detached`: a LayerNorm with σ held constant;
+- :func:`gradient_times_input`: the reference relevance of a patched copy, checked to compute the model's output.
 
 (:mod:`reference_cnn` is the CNN counterpart; there an activation's ratio at ``x = 0`` is torch's ``f'(0)``.)
 """
@@ -48,3 +49,16 @@ def layer_norm_detached(self, x: torch.Tensor) -> torch.Tensor:
     if self.bias is not None:
         y = y + self.bias
     return y.permute(0, 3, 1, 2) if channels_first else y
+
+
+def gradient_times_input(ref, model, x: torch.Tensor, leaves=()):
+    """``(x ⊙ ∂y_t/∂x, t, [∂y_t/∂leaf for each of leaves])`` of ``ref``, a patched copy of ``model``, with ``t`` its
+    argmax per sample; ``ref``'s output must be ``model``'s. ``leaves``: tensors the patched forward of ``ref`` appends
+    to a list (read after the forward pass); a leaf the output does not depend on has gradient None."""
+    xr = x.clone().requires_grad_(True)
+    out = ref(xr)
+    with torch.no_grad():
+        assert torch.allclose(out, model(x), rtol=1e-10, atol=1e-12)  # the patched model is the model
+    target = out.argmax(1)
+    grad, *rest = torch.autograd.grad(out.gather(1, target[:, None]).sum(), [xr, *leaves], allow_unused=True)
+    return x * grad, target, rest

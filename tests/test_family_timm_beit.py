@@ -31,7 +31,7 @@ from lrpkit.methods.chefer import chefer_composite
 from lrpkit.rules import SelfAttentionRule
 from lrpkit.rules.chefer import ATTENTION_RELEVANCE, safe_divide
 from helpers import image, relative
-from reference_patches import half_grad, layer_norm_detached, ratio_forward
+from reference_patches import gradient_times_input, half_grad, layer_norm_detached, ratio_forward
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
 
@@ -240,14 +240,8 @@ def patched(model, mode):
 
 
 def reference_relevance(model, x, mode):
-    ref = patched(model, mode)
-    xr = x.clone().requires_grad_(True)
-    out = ref(xr)
-    with torch.no_grad():
-        assert torch.allclose(out, model(x), rtol=1e-10, atol=1e-12)  # the patched model is the model
-    target = out.argmax(1)
-    (grad,) = torch.autograd.grad(out.gather(1, target[:, None]).sum(), xr)
-    return x * grad, target
+    relevance, target, _ = gradient_times_input(patched(model, mode), model, x)
+    return relevance, target
 
 
 @pytest.mark.parametrize("config", CONFIGS)

@@ -32,7 +32,7 @@ from lrpkit.families import family_of
 from lrpkit.layers import Chain, Multiply, Rotary, SelfAttention
 from lrpkit.rules import EpsilonRule, PassRule, ProductRule, SelfAttentionRule
 from helpers import image as normal_image, relative
-from reference_patches import half_grad, ratio, ratio_forward
+from reference_patches import gradient_times_input, half_grad, ratio, ratio_forward
 
 D = torch.float64
 BASE = dict(img_size=42, patch_size=14, embed_dim=32, depth=2, num_heads=2, num_classes=5, mlp_ratio=4 * 2 / 3,
@@ -454,14 +454,8 @@ def patched(model, mode):
 
 
 def reference_relevance(model, x, mode):
-    ref = patched(model, mode)
-    xr = x.clone().requires_grad_(True)
-    out = ref(xr)
-    with torch.no_grad():
-        assert torch.allclose(out, model(x), rtol=1e-10, atol=1e-12)  # the patched model is the model
-    target = out.argmax(1)
-    (grad,) = torch.autograd.grad(out.gather(1, target[:, None]).sum(), xr)
-    return x * grad, target
+    relevance, target, _ = gradient_times_input(patched(model, mode), model, x)
+    return relevance, target
 
 
 PRESET_OF = {"cp": presets.CPLRP, "attnlrp": presets.AttnLRP}

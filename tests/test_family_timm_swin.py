@@ -30,7 +30,7 @@ from lrpkit.layers import (Chain, LayerNormalize, Permute, Scale, SelfAttention,
 from lrpkit.rules import (EpsilonRule, LayerNormRule, PermuteRule, SelfAttentionRule, SkipConnectionRule,
                           SpaceToDepthRule, TokenMeanRule)
 from helpers import image, relative
-from reference_patches import half_grad, layer_norm_detached, ratio_forward
+from reference_patches import gradient_times_input, half_grad, layer_norm_detached, ratio_forward
 
 SMALL = dict(img_size=32, patch_size=2, embed_dim=16, depths=(2, 2), num_heads=(2, 2), window_size=4,
              num_classes=5)
@@ -484,16 +484,10 @@ def patched(model, mode, leaves):
 def reference(model, x, mode):
     """(gradient × input, target, Σ B ⊙ ∂f/∂B per sample over every window attention's score bias B)."""
     leaves = []
-    ref = patched(model, mode, leaves)
-    xr = x.clone().requires_grad_(True)
-    out = ref(xr)
-    with torch.no_grad():
-        assert torch.allclose(out, model(x), rtol=1e-10, atol=1e-12)  # the patched model is the model
-    target = out.argmax(1)
-    grads = torch.autograd.grad(out.gather(1, target[:, None]).sum(), [xr] + leaves, allow_unused=True)
-    bias_share = sum(((leaf * g).reshape(x.shape[0], -1).sum(1) for leaf, g in zip(leaves, grads[1:])
+    relevance, target, grads = gradient_times_input(patched(model, mode, leaves), model, x, leaves)
+    bias_share = sum(((leaf * g).reshape(x.shape[0], -1).sum(1) for leaf, g in zip(leaves, grads)
                       if g is not None), torch.zeros(x.shape[0], dtype=x.dtype))
-    return x * grads[0], target, bias_share
+    return relevance, target, bias_share
 
 
 REFERENCE_CONFIGS = ["shifted", "padded+odd", "per-stage-windows+always-partition", "head-dim+no-qkv-bias+rect"]

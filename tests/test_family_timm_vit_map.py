@@ -32,7 +32,7 @@ from lrpkit.layers import AttentionPool, Chain, SelectClassToken, SelfAttention,
 from lrpkit.rules import (AttentionPoolRule, EpsilonRule, FlatRule, GammaRule, SelectClassTokenRule,
                           SkipConnectionRule, TokenMeanRule, ZBoxRule)
 from helpers import image, relative
-from reference_patches import half_grad, layer_norm_detached, ratio_forward
+from reference_patches import gradient_times_input, half_grad, layer_norm_detached, ratio_forward
 
 SMALL = dict(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5, class_token=False,
              global_pool="map")
@@ -210,14 +210,9 @@ def patched(model, mode, queries):
 def reference_relevance(model, x, mode):
     """``(x ⊙ ∂y_t/∂x, t, q ⊙ ∂y_t/∂q summed per sample)`` of the patched model, t its argmax."""
     queries = []
-    xr = x.clone().requires_grad_(True)
-    out = patched(model, mode, queries)(xr)
-    with torch.no_grad():
-        assert torch.allclose(out, model(x), rtol=1e-10, atol=1e-12)  # the patched model is the model
-    target = out.argmax(1)
-    gx, gq = torch.autograd.grad(out.gather(1, target[:, None]).sum(), (xr, queries[0]), allow_unused=True)
-    latent = (queries[0] * gq).flatten(1).sum(1) if gq is not None else torch.zeros_like(out[:, 0])
-    return x * gx, target, latent.detach()
+    relevance, target, (gq,) = gradient_times_input(patched(model, mode, queries), model, x, queries)
+    latent = (queries[0] * gq).flatten(1).sum(1) if gq is not None else x.new_zeros(x.shape[0])
+    return relevance, target, latent.detach()
 
 
 REFERENCE_CONFIGS = ["siglip", "siglip-gelu-tanh", "cls-left-out", "cls+reg-included", "reg+layerscale+qknorm",
