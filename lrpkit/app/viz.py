@@ -153,9 +153,6 @@ def plot_grid(images: torch.Tensor, heatmaps: Mapping[str, torch.Tensor], path: 
     (B, C, H, W) (summed over channels, :func:`to_heatmap`) or a token map (B, gh, gw) (upsampled nearest,
     :func:`upsample_tokens`). Each cell is :func:`relevance_to_rgb` with symmetric per-sample scaling at
     ``percentile``. Returns the path written."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     imgs, _ = _batched(images, 4, "images")
     b, _, h, w = imgs.shape
     cols = {}
@@ -169,20 +166,37 @@ def plot_grid(images: torch.Tensor, heatmaps: Mapping[str, torch.Tensor], path: 
     if row_titles is not None and len(row_titles) != b:
         raise ValueError(f"row_titles has {len(row_titles)} entries for {b} images")
     ncol = 1 + len(cols)
-    fig = Figure(figsize=(cell_size * ncol, cell_size * b + 0.3))
+    panels = [[imgs[i]] + [c[i] for c in cols.values()] for i in range(b)]
+    return _save_grid(panels, path, (cell_size * ncol, cell_size * b + 0.3), dpi, ["input", *cols], row_titles,
+                      title_size=9)
+
+
+def _save_grid(panels: list[list[torch.Tensor]], path: str | Path, figsize: tuple[float, float], dpi: int,
+               column_titles: list[str] | None = None, row_titles: list[str] | None = None,
+               title_size: int = 8) -> Path:
+    """Write rows of image panels (tensors (3, h, w) in [0, 1]) as a PNG grid, no ticks; a row shorter than the
+    longest leaves its last cells empty; ``column_titles`` over the first row, ``row_titles`` to the left of each
+    row. Returns the path written (its folder created if missing)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    ncol = max(len(row) for row in panels)
+    fig = Figure(figsize=figsize)
     FigureCanvasAgg(fig)
-    axes = fig.subplots(b, ncol, squeeze=False)
-    for i in range(b):
-        panels = [("input", imgs[i])] + [(name, c[i]) for name, c in cols.items()]
-        for j, (name, panel) in enumerate(panels):
-            ax = axes[i, j]
-            ax.imshow(_hwc(panel), interpolation="nearest")
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if i == 0:
-                ax.set_title(name, fontsize=9)
+    axes = fig.subplots(len(panels), ncol, squeeze=False)
+    for r, row in enumerate(panels):
+        for j in range(ncol):
+            ax = axes[r, j]
+            if j < len(row):
+                ax.imshow(_hwc(row[j]), interpolation="nearest")
+                ax.set_xticks([])
+                ax.set_yticks([])
+            else:
+                ax.axis("off")
+            if r == 0 and column_titles is not None:
+                ax.set_title(column_titles[j], fontsize=title_size)
         if row_titles is not None:
-            axes[i, 0].set_ylabel(row_titles[i], fontsize=8)
+            axes[r, 0].set_ylabel(row_titles[r], fontsize=8)
     fig.tight_layout()
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -266,9 +280,6 @@ def concept_grid(references=None, path: str | Path = "concepts.png", *, heatmaps
 
     Reference: Achtibat et al. 2023, "From attribution maps to human-understandable explanations through Concept
     Relevance Propagation", Nature Machine Intelligence 5 (the concept × reference-sample figures)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     panels = concept_panels(references, heatmaps=heatmaps, boxes=boxes, image=image, image_heatmaps=image_heatmaps,
                             alpha=alpha, cmap=cmap, percentile=percentile)
     k, ncol = len(panels), max(len(row) for row in panels)
@@ -276,24 +287,4 @@ def concept_grid(references=None, path: str | Path = "concepts.png", *, heatmaps
         raise ValueError(f"row_titles has {len(row_titles)} entries for {k} concepts")
     if column_titles is not None and len(column_titles) != ncol:
         raise ValueError(f"column_titles has {len(column_titles)} entries for {ncol} columns")
-    fig = Figure(figsize=(cell_size * ncol + 0.6, cell_size * k + 0.3))
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(k, ncol, squeeze=False)
-    for r, row in enumerate(panels):
-        for j in range(ncol):
-            ax = axes[r, j]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            if j < len(row):
-                ax.imshow(_hwc(row[j]), interpolation="nearest")
-            else:
-                ax.axis("off")
-            if r == 0 and column_titles is not None:
-                ax.set_title(column_titles[j], fontsize=8)
-        if row_titles is not None:
-            axes[r, 0].set_ylabel(row_titles[r], fontsize=8)
-    fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=dpi, format="png")
-    return path
+    return _save_grid(panels, path, (cell_size * ncol + 0.6, cell_size * k + 0.3), dpi, column_titles, row_titles)
