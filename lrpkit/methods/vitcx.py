@@ -238,6 +238,7 @@ class ViTCX(Explainer):
         self.distance_threshold, self.noise_std = float(distance_threshold), float(noise_std)
         self.batch_size, self.seed, self.progress, self.keep_masks = batch_size, seed, progress, keep_masks
         self.feature_layer, self.capture_when = self._resolve_layer(model, layer)
+        self._channel_axis = _channel_axis(self.chain, self.feature_layer, self.capture_when)  # of the features
 
     # -- the feature layer ---------------------------------------------------------------------------------
     def _resolve_layer(self, model, layer):
@@ -272,8 +273,7 @@ class ViTCX(Explainer):
         """(logits (B, K), feature grid (B, D, gh, gw)) from one forward pass."""
         box: list = []
         out = _run_capture(self.chain, x, self.feature_layer, self.capture_when, box)
-        axis = _channel_axis(self.chain, self.feature_layer, self.capture_when)
-        return out, _features_to_grid(box[0], self.num_prefix(), self.grid(x), axis)
+        return out, _features_to_grid(box[0], self.num_prefix(), self.grid(x), self._channel_axis)
 
     # -- the explanation -----------------------------------------------------------------------------------
     def __call__(self, x: torch.Tensor, target=None) -> Explanation:
