@@ -267,7 +267,7 @@ class Scale(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = self._shape(x)
         y = x * self.weight.view(shape)
-        return y if self.bias is None else y + self.bias.view(shape)
+        return y if self.bias is None else y.add_(self.bias.view(shape))  # in y's buffer: one tensor, not two
 
 
 class Permute(nn.Module):

@@ -118,8 +118,9 @@ class LayerNormRule(_ClosedFormRule):
         x, dim = rec.input, step.layer.dim  # dim: the normalised dimension (-1; 1 for timm's LayerNorm2d)
         sigma = step.layer.sigma(x)
         # y as the forward computed it (and R was derived from): in bfloat16, (x − μ)/σ evaluated step by step
-        # rounds differently from layer_norm, and R / y would amplify the difference where y is small
-        y = step.layer.normalize(x)
+        # rounds differently from layer_norm, and R / y would amplify the difference where y is small. The record
+        # holds y where the rule above recomputed it as its input (a lazy input, :class:`~lrpkit.tape.Tape`)
+        y = rec.output if rec.output is not None else step.layer.normalize(x)
         s = divide(R, y, self.epsilon)  # a fresh tensor unless shapes differ: centred in place
         s = s.sub_(s.mean(dim, keepdim=True)) if writable(s, R) else s - s.mean(dim, keepdim=True)
         xs = torch.div(x, sigma, out=y)  # x / σ in y's buffer (a fresh output, read no more)
