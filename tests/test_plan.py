@@ -109,7 +109,8 @@ def test_the_plan_changes_no_result(model_name, composite):
 def test_a_recomputed_input_is_the_output_of_the_layer_below():
     """LayerNorm → its affine Scale → Linear (a transformer's MLP): neither the LayerNorm's nor the Scale's output is
     kept; the reverse loop recomputes the Linear's input, which is the Scale's output, and the Scale's rule finds it
-    in its record instead of computing it a third time."""
+    in its record instead of computing it a third time; so does the LayerNorm's rule, which needs the normalised
+    output y as well (``R / stab(y)``): LayerNorm normalises twice, not three times."""
     from lrpkit.layers import Chain, LayerNormalize, Scale
 
     torch.manual_seed(0)
@@ -121,9 +122,12 @@ def test_a_recomputed_input_is_the_output_of_the_layer_below():
     calls = []
     for step in lrp.steps[1:3]:
         step.layer.register_forward_hook(lambda module, inputs, output: calls.append(type(module).__name__))
+    layer_norm = lrp.steps[1].layer
+    normalize = layer_norm.normalize  # also what the module's forward calls
+    layer_norm.normalize = lambda x: calls.append("normalize") or normalize(x)  # on this copy only
     e = lrp(torch.randn(2, 4))
     # the recording pass, and one recomputation each
-    assert sorted(calls) == ["LayerNormalize", "LayerNormalize", "Scale", "Scale"]
+    assert sorted(calls) == ["LayerNormalize", "LayerNormalize", "Scale", "Scale", "normalize", "normalize"]
     assert e.relevance.abs().sum() > 0
 
 
