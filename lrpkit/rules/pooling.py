@@ -26,7 +26,7 @@ from .base import IncompatibleRuleError, Rule, divide
 from .basic import EpsilonRule
 from ..recompute import to_keep
 from .chefer import ATTENTION, ATTENTION_RELEVANCE, SAFE_EPS, CheferLinearRule, safe_divide
-from .transformer import _linear_rows, _norm_lrp, bilinear_lrp
+from .transformer import _linear_rows, _norm_lrp
 
 
 class AttentionPoolRule(Rule):
@@ -37,8 +37,8 @@ class AttentionPoolRule(Rule):
     value projection (the value half of ``W_kv``) uses ``value_rule`` (default LRP-ε). The keys and the latent query
     get nothing. Conserves up to the stabiliser and the bias.
 
-    ``mode="attnlrp"`` (AttnLRP): ``R_A, R_v`` by the uniform rule on ``A v`` (:func:`~lrpkit.rules.transformer.
-    bilinear_lrp`); the softmax's Taylor rule ``R_S = S ⊙ (R_A − A ⊙ Σ_j R_A)``; ``R_q, R_k`` by the uniform rule on
+    ``mode="attnlrp"`` (AttnLRP): ``R_A, R_v`` by the uniform rule on ``A v`` (half to each factor: with
+    ``s = R_y / (2·stab(y))``, ``R_A = A ⊙ (s vᵀ)``, ``R_v = v ⊙ (Aᵀ s)``); the softmax's Taylor rule ``R_S = S ⊙ (R_A − A ⊙ Σ_j R_A)``; ``R_q, R_k`` by the uniform rule on
     ``q kᵀ · scale``; ``R_k`` through the k-norm (LayerNorm, σ constant); ``[R_k, R_v]`` through the whole ``W_kv``
     with ``value_rule``. ``R_q`` stays with the latent query (a parameter): the accounting reports it as
     ``latent_query``; what the softmax rule loses as ``attention``.
@@ -110,11 +110,16 @@ class AttentionPoolRule(Rule):
         return R_in
 
     def _attnlrp(self, layer: AttentionPool, e: dict, R_y: torch.Tensor, rec: Record) -> torch.Tensor:
-        eps, A, S = self.epsilon, e["attn"], e["scores"]
-        R_attn, R_v = bilinear_lrp(A, e["v"], e["y"], R_y, eps, torch.matmul)
+        # The uniform rule of both products in closed form, as SelfAttentionRule's: for O = X Y with
+        # s = R_O / (2·stab(O)), R_X = X ⊙ (s Yᵀ) and R_Y = Y ⊙ (Xᵀ s)
+        eps, A, S, q, kn, v = self.epsilon, e["attn"], e["scores"], e["q"], e["kn"], e["v"]
+        s = divide(R_y, e["y"], eps).mul_(0.5)  # y = A v
+        R_attn, R_v = A * (s @ v.transpose(-2, -1)), v * (A.transpose(-2, -1) @ s)
         # softmax Taylor rule (Achtibat et al. 2024, Prop. 3.1): R_S = S ⊙ (R_A − A ⊙ Σ_j R_A)
         R_S = S * (R_attn - A * R_attn.sum(-1, keepdim=True))
-        R_q, R_kn = bilinear_lrp(e["q"], e["kn"], S, R_S, eps, lambda q, k: (q * layer.scale) @ k.transpose(-2, -1))
+        t = divide(R_S, S, eps).mul_(0.5)  # S = (q·scale) knᵀ
+        R_q = q * ((t @ kn) * layer.scale)
+        R_kn = kn * ((q * layer.scale).transpose(-2, -1) @ t).transpose(-2, -1)
         rec.absorbed["latent_query"] = per_sample(R_q)  # the query is the latent's: a parameter, not the input
         R_k = _norm_lrp(layer.k_norm, e["k"], e["kn"], R_kn, eps)
         return torch.cat([layer.merge_heads(R_k), layer.merge_heads(R_v)], dim=-1)

@@ -15,7 +15,7 @@ from ..layers import (ClassToken, LayerNormalize, PatchFlatten, PositionalEmbedd
                       SelfAttention, TokenMean)
 from ..propagate import ReachedStop, Record, Step, per_sample
 from ..traits import Traits
-from .base import IncompatibleRuleError, Rule, divide, stabilize, writable
+from .base import IncompatibleRuleError, Rule, divide, writable
 from .basic import EpsilonRule
 
 
@@ -137,15 +137,6 @@ def _linear_rows(linear: nn.Linear, rows: slice) -> nn.Linear:
     return out
 
 
-def bilinear_lrp(x: torch.Tensor, y: torch.Tensor, out: torch.Tensor, R: torch.Tensor, eps: float,
-                 fn) -> tuple[torch.Tensor, torch.Tensor]:
-    """AttnLRP's uniform rule for a product ``out = fn(x, y)`` that is linear in each factor:
-    ``R_x = x ⊙ ∂(s·out)/∂x``, ``R_y = y ⊙ ∂(s·out)/∂y`` with ``s = R / (2·stab(out))`` — each factor gets half."""
-    _, pullback = torch.func.vjp(fn, x.detach(), y.detach())  # torch.func: also under CRP's vmap over concepts
-    gx, gy = pullback(R / (2 * stabilize(out, eps)))
-    return x * gx, y * gy
-
-
 class SelfAttentionRule(Rule):
     """Relevance through :class:`~lrpkit.layers.SelfAttention`.
 
@@ -157,7 +148,8 @@ class SelfAttentionRule(Rule):
     the biases.
 
     ``mode="attnlrp"`` (Achtibat et al. 2024): both matrix products (``q kᵀ`` and ``A v``) split relevance evenly
-    between their factors (:func:`bilinear_lrp`); the softmax gets ``R_S = S ⊙ (R_A − A ⊙ Σ_j R_A)`` (its Taylor /
+    between their factors (for ``O = X Y`` and ``s = R_O / (2·stab(O))``: ``R_X = X ⊙ (s Yᵀ)``,
+    ``R_Y = Y ⊙ (Xᵀ s)``); the softmax gets ``R_S = S ⊙ (R_A − A ⊙ Σ_j R_A)`` (its Taylor /
     LRP-ε rule). A score bias is a summand of ``S = q kᵀ·scale + B``: LRP-ε on the sum gives it
     ``R_B = B ⊙ R_S / stab(S)`` (reported in the accounting as ``attention_bias``) and the product the rest, so
     ``q`` and ``k`` get ``s = R_S / (2·stab(S))`` each through their gradient. A rotary embedding, linear in
@@ -259,8 +251,8 @@ class SelfAttentionRule(Rule):
         return R_in
 
     def _attnlrp(self, layer: SelfAttention, e: dict, R_y: torch.Tensor, rec: Record, batch: int) -> torch.Tensor:
-        # The uniform rule of both products in closed form (bilinear_lrp's values, without a second product and an
-        # autograd graph): for O = X Y with s = R_O / (2·stab(O)), R_X = X ⊙ (s Yᵀ) and R_Y = Y ⊙ (Xᵀ s).
+        # The uniform rule of both products in closed form (no second product, no autograd graph): for O = X Y with
+        # s = R_O / (2·stab(O)), R_X = X ⊙ (s Yᵀ) and R_Y = Y ⊙ (Xᵀ s).
         eps = self.epsilon
         qr, kr, v = layer.rope(e["qn"]), layer.rope(e["kn"]), e["v"]
         S = layer.scores(qr, kr)
