@@ -55,7 +55,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..layers import LayerNormalize, PositionalEmbedding, Rotary, Scale, SelfAttention, SkipConnection
+from ..layers import LayerNormalize, PositionalEmbedding, Rotary, Scale, SelfAttention
 from ..propagate import Record, Step, per_sample
 from ..recompute import Recipe, recomputable, saving_recipes, to_keep, value_of
 from ..traits import Traits
@@ -284,22 +284,7 @@ class CheferPositionalEmbeddingRule(_GraphForward, Rule):
             return R_x
 
 
-class _CheferSplitForward:
-    """:class:`~lrpkit.rules.structural.SkipConnectionRule`'s forward that keeps the graph (``y = a + f(a)``, or
-    ``Σ_k f_k(a)``) and keeps the summands as :func:`~lrpkit.recompute.to_keep` does (a Linear branch's output as
-    its recipe)."""
-
-    def forward(self, step: Step, x: torch.Tensor, tape) -> Record:
-        outs = [tape.forward(branch, x) for branch in step.children]
-        if isinstance(step.layer, SkipConnection):
-            outs.insert(0, x)
-        y = outs[0] + outs[1] if len(outs) > 1 else outs[0].clone()
-        for out in outs[2:]:
-            y = y.add_(out) if not y.requires_grad else y + out
-        return Record(x.detach(), y, extras={"summands": [to_keep(out) for out in outs]})
-
-
-class CheferSkipConnectionRule(_CheferSplitForward, SkipConnectionRule):
+class CheferSkipConnectionRule(SkipConnectionRule):
     """Chefer et al.'s residual rule for ``y = a + f(a)``: gradient × input split ``a ⊙ sdiv(R, y)``,
     ``f(a) ⊙ sdiv(R, y)``, then both rescaled (:func:`rescaled_split`) so that the branch sums are
     ``|Σa| / (|Σa| + |Σf|) · ΣR`` and ``|Σf| / (|Σa| + |Σf|) · ΣR`` (per sample); the ``f`` share is propagated
@@ -317,7 +302,7 @@ class CheferSkipConnectionRule(_CheferSplitForward, SkipConnectionRule):
         return a + tape.backward(step.children[0], f)
 
 
-class CheferSumRule(_CheferSplitForward, SumRule):
+class CheferSumRule(SumRule):
     """:class:`CheferSkipConnectionRule` for parallel branches ``y = Σ_k f_k(a)`` (the distilled head): shares
     ``f_k ⊙ sdiv(R, y)`` rescaled to sums ``|Σ f_k| / Σ_k' |Σ f_k'| · ΣR`` (:func:`rescaled_split`), each propagated
     through its branch. Keeps the forward graph."""

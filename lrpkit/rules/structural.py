@@ -11,14 +11,16 @@ import torch
 
 from ..layers import Multiply, SkipConnection, Sum
 from ..propagate import Record, Step
-from ..recompute import value_of
+from ..recompute import to_keep, value_of
 from ..traits import Traits
 from .base import Rule, divide, vmapped, writable
 
 
 class _SplitRule(Rule):
     targets = ()
-    keeps_graph = False  # Chefer's rules pass the recording pass's autograd graph on (lrpkit.rules.chefer)
+    #: the recording pass keeps the autograd graph of the summands and passes it on (Chefer et al.'s split rules,
+    #: :mod:`lrpkit.rules.chefer`); the record then keeps each summand's recipe where it has one
+    keeps_graph = False
 
     def __init__(self, epsilon: float = 1e-6):
         self.epsilon = epsilon
@@ -32,8 +34,12 @@ class _SplitRule(Rule):
         y = outs[0] + outs[1] if len(outs) > 1 else outs[0].clone()
         for out in outs[2:]:
             y = y.add_(out) if not y.requires_grad else y + out
-        first = 1 if isinstance(step.layer, SkipConnection) else 0  # the identity summand a is the record's input
-        kept = outs[:first] + [tape.output_to_keep(branch, out) for branch, out in zip(step.children, outs[first:])]
+        if keep:  # the graph goes on; the record keeps each summand's recipe where it has one (a Linear's output)
+            kept = [to_keep(out) for out in outs]
+        else:
+            first = 1 if isinstance(step.layer, SkipConnection) else 0  # the identity summand a: the record's input
+            kept = outs[:first] + [tape.output_to_keep(branch, out)
+                                   for branch, out in zip(step.children, outs[first:])]
         return Record(x.detach(), y, extras={"summands": [t.detach() if torch.is_tensor(t) else t for t in kept]})
 
     @staticmethod
@@ -60,9 +66,11 @@ class _SplitRule(Rule):
 
     def traits(self, layer) -> Traits:
         # the record keeps the summands, not their sum; the sum y enters only the denominator (so the gate can
-        # replace it); R_in vanishes where a does if every branch's first rule does (the plan checks the branches)
+        # replace it); R_in vanishes where a does if every branch's first rule does (the plan checks the branches);
+        # a kept graph holds y too
         own_lrp = self._inherits("lrp", _SplitRule)
-        return Traits(output_in_record_only=self._inherits("forward", _SplitRule), uses_gate=own_lrp,
+        in_record_only = self._inherits("forward", _SplitRule) and not self.keeps_graph
+        return Traits(output_in_record_only=in_record_only, uses_gate=own_lrp,
                       vanishes_with_input=own_lrp, split=own_lrp)
 
 
