@@ -14,8 +14,8 @@ The propagation options are explicit arguments of :class:`Tape`:
   layer's rule (or, ``stop_at=(k, site)``, inside the rule at an inner site of it: ``Rule.sites``):
   :meth:`Tape.backward` returns the relevance there and sets ``reached_stop``. Nothing at or below the layer runs
   (the rules of the containers around it are left where they hand their branch on), and the records of the layer
-  and of those below it stay on the tape, so that :meth:`Tape.backward_from` can go on from there (CRP: once per concept);
-  observers see no end of the loops it leaves;
+  and of those below it stay on the tape, so that :meth:`Tape.backward_from` can go on from there (CRP: once per
+  concept); observers see no end of the loops it leaves;
 - ``relevance_at``: layer indices whose input relevance is kept (``tape.relevances[k]``), at any depth;
 - ``observers``: objects with ``loop_started(R)``, ``step_passed(step, plan, record, R_out, R_in)`` and
   ``loop_ended(R)`` (the accounting, :class:`lrpkit.accounting.AccountingObserver`; the layerwise relevance).

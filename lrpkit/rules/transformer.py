@@ -123,7 +123,7 @@ class LayerNormRule(_ClosedFormRule):
         y = rec.output if rec.output is not None else step.layer.normalize(x)
         s = divide(R, y, self.epsilon)  # a fresh tensor unless shapes differ: centred in place
         s = s.sub_(s.mean(dim, keepdim=True)) if writable(s, R) else s - s.mean(dim, keepdim=True)
-        xs = torch.div(x, sigma, out=y)  # x / σ in y's buffer (a fresh output, read no more)
+        xs = torch.div(x, sigma, out=y)  # x / σ in y's buffer (fresh, or recomputed for the rule above: read no more)
         return xs.mul_(s) if writable(xs, s) else xs * s  # (out of place where s is vmapped over CRP's concepts)
 
 
