@@ -76,6 +76,11 @@ def composites(pkg, vit: bool):
     return out
 
 
+def fields_of(result) -> dict:
+    """A dataclass's fields by name, read through ``getattr`` (a deferred accounting is worked out on reading)."""
+    return {name: getattr(result, name) for name in result.__dataclass_fields__}
+
+
 def differences(a, b, where: str) -> list[str]:
     """Where two results differ: tensors by torch.equal, containers element by element."""
     if isinstance(a, torch.Tensor) or isinstance(b, torch.Tensor):
@@ -95,7 +100,7 @@ def differences(a, b, where: str) -> list[str]:
             return [f"{where}: length {len(a)} != {len(b)}"]
         return [d for i, (x, y) in enumerate(zip(a, b)) for d in differences(x, y, f"{where}[{i}]")]
     if hasattr(a, "__dataclass_fields__") and hasattr(b, "__dataclass_fields__"):
-        return differences(vars(a), vars(b), where)
+        return differences(fields_of(a), fields_of(b), where)
     return [] if a == b else [f"{where}: {a!r} != {b!r}"]
 
 
@@ -119,7 +124,7 @@ def compare_lrp(new, old, model, x, name: str, vit: bool) -> list[str]:
         a_lrp, b_lrp = built
         for kwargs in ({"layerwise": True}, {"normalize_output": False}):
             a, b = a_lrp(x, **kwargs), b_lrp(x, **kwargs)
-            problems += differences(vars(a), vars(b), f"{name} {key} {kwargs}")
+            problems += differences(fields_of(a), fields_of(b), f"{name} {key} {kwargs}")
         print(f"  {name} {key}: {'ok' if not problems else 'DIFFERS'}", flush=True)
     return problems
 
@@ -136,7 +141,7 @@ def compare_methods(new, old, model, x, name: str, names) -> list[str]:
         b = getattr(old.methods, method)(model, **kw)(x)
         torch.manual_seed(0)
         a = getattr(new.methods, method)(model, **kw)(x)
-        found = differences(vars(a), vars(b), f"{name} {method}")
+        found = differences(fields_of(a), fields_of(b), f"{name} {method}")
         print(f"  {name} {method}: {'ok' if not found else 'DIFFERS'}", flush=True)
         problems += found
     return problems

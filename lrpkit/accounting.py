@@ -5,6 +5,11 @@ reports itself (``record.absorbed``: bias, positional embedding, prefix tokens, 
 ``traits.remainder``, usually ``stabilizer``). It carries ``Σ R`` per sample from one layer to the next, so each
 relevance is summed once. For a proportional split (``traits.split``) the loss is the stabiliser of the split:
 ``Σ R_out`` minus the totals of the shares handed to the branches (and to the identity of a skip connection).
+
+The loop itself only sums (each relevance once, as it passes) and keeps what the rules report; the subtractions
+that split each layer's loss, and the totals per sink, run when the :class:`~lrpkit.explanation.Accounting` is first
+read (:meth:`~lrpkit.explanation.Accounting.deferred`), in the same order and with the same values: a caller who
+never reads it pays for the sums only.
 """
 
 from __future__ import annotations
@@ -47,13 +52,7 @@ class AccountingObserver:
             frame["total"] = out_total
             return
         in_total = per_sample(R_in)
-        parts = {k: v.detach() for k, v in rec.absorbed.items()}
-        rest = out_total - in_total
-        for value in parts.values():
-            rest = rest - value
-        key = plan.traits.remainder
-        parts[key] = parts[key] + rest if key in parts else rest
-        self.absorbed.append((step.index, step.name, parts))
+        self.absorbed.append((step.index, step.name, (out_total, in_total, rec.absorbed, plan.traits.remainder)))
         frame["total"] = in_total
 
     def _split(self, step, plan, rec, out_total, R_in, branches) -> torch.Tensor | None:
@@ -73,12 +72,30 @@ class AccountingObserver:
         return in_total
 
     def result(self, R_out: torch.Tensor, R_in: torch.Tensor) -> Accounting:
-        acc = Accounting(output=per_sample(R_out), input=per_sample(R_in))
+        """The :class:`Accounting` of the loops watched, worked out when first read."""
+        output, input = per_sample(R_out), per_sample(R_in)
+        return Accounting.deferred(lambda: self._account(output, input))
+
+    def _account(self, output: torch.Tensor, input: torch.Tensor) -> Accounting:
+        acc = Accounting(output=output, input=input)
         for index, name, parts in sorted(self.absorbed, key=lambda item: item[0]):
+            if isinstance(parts, tuple):  # a layer: its loss, less the sinks its rule reports, is the remainder
+                parts = _split_loss(*parts)
             acc.layers.append((index, name, parts))
             for key, value in parts.items():
                 acc.parts[key] = acc.parts.get(key, 0) + value
         return acc
+
+
+def _split_loss(out_total: torch.Tensor, in_total: torch.Tensor, absorbed: dict, remainder: str) -> dict:
+    """``{sink: (B,)}`` of one layer: what its rule reports (``absorbed``), and under ``remainder`` the rest of its
+    loss ``Σ R_out − Σ R_in``."""
+    parts = {k: v.detach() for k, v in absorbed.items()}
+    rest = out_total - in_total
+    for value in parts.values():
+        rest = rest - value
+    parts[remainder] = parts[remainder] + rest if remainder in parts else rest
+    return parts
 
 
 class LayerwiseObserver:

@@ -24,6 +24,29 @@ class Accounting:
     parts: dict = field(default_factory=dict)
     layers: list = field(default_factory=list)
 
+    @classmethod
+    def deferred(cls, compute) -> "Accounting":
+        """An accounting whose fields are those of ``compute()``, called when one of them is first read (LRP's
+        reverse loop only sums; the arithmetic on the sums waits until someone looks)."""
+        acc = cls.__new__(cls)
+        acc.__dict__["_compute"] = compute
+        return acc
+
+    def __getattr__(self, name):  # only for attributes not set yet: a deferred accounting's fields
+        compute = self.__dict__.get("_compute")
+        if compute is None or name not in self.__dataclass_fields__:
+            raise AttributeError(f"{type(self).__name__!r} object has no attribute {name!r}")
+        done = compute()
+        self.__dict__.update({k: getattr(done, k) for k in self.__dataclass_fields__})
+        self.__dict__.pop("_compute", None)
+        return self.__dict__[name]
+
+    def __getstate__(self) -> dict:  # a deferred accounting is worked out before it is copied or pickled
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
     def total(self) -> torch.Tensor:
         """``input + Σ parts`` (B,): equals ``output`` up to float rounding."""
         return self.input + sum(self.parts.values(), torch.zeros_like(self.input))

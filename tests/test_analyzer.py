@@ -129,6 +129,54 @@ def test_accounting_bias_part_by_hand(linear2):
     assert acc.parts.get("stabilizer", torch.zeros(1)).abs().max() < 1e-6
 
 
+
+def test_accounting_bias_part_of_a_token_wise_linear_by_hand():
+    # LRP-0 on z = W a + b per token, W = identity, b = [1, 1], two tokens a₁ = [1, 3], a₂ = [3, 5]:
+    # z₁ = [2, 4], z₂ = [4, 6]; R = 1 everywhere (Σ R = 4), so s = R / z: s₁ = [1/2, 1/4], s₂ = [1/4, 1/6].
+    # The bias takes Σ_tokens b·s = 1/2 + 1/4 + 1/4 + 1/6 = 7/6; the input R_a = a ⊙ s: 1/2 + 3/4 + 3/4 + 5/6 = 17/6;
+    # 17/6 + 7/6 = 4.
+    linear = nn.Linear(2, 2)
+    with torch.no_grad():
+        linear.weight.copy_(torch.eye(2))
+        linear.bias.copy_(torch.tensor([1.0, 1.0]))
+    model = nn.Sequential(linear).eval()
+    x = torch.tensor([[[1.0, 3.0], [3.0, 5.0]]])  # (batch 1, 2 tokens, 2 features)
+    acc = lrpkit.LRP(model, lrpkit.Composite(lrpkit.GlobalMap(rules.ZeroRule())))(x, R=torch.ones(1, 2, 2)).accounting
+    torch.testing.assert_close(acc.output, torch.tensor([4.0]))
+    torch.testing.assert_close(acc.parts["bias"], torch.tensor([7 / 6]))
+    torch.testing.assert_close(acc.input, torch.tensor([17 / 6]))
+
+
+def test_accounting_is_worked_out_when_first_read(lrp, x, monkeypatch):
+    # the reverse loop only sums; each layer's split into sinks runs on the first read, and gives what an eager
+    # accounting gives (the sums are the same tensors, the arithmetic the same in the same order)
+    import copy
+    import pickle
+
+    from lrpkit import accounting
+
+    calls = []
+    split = accounting._split_loss
+    monkeypatch.setattr(accounting, "_split_loss", lambda *a: calls.append(1) or split(*a))
+    expl = lrp(x, target=[0, 1, 2])
+    assert calls == []
+    acc = expl.accounting
+    assert isinstance(acc, lrpkit.Accounting) and calls == []
+    layers = acc.layers
+    assert len(calls) > 0 and len(layers) > 0
+    n = len(calls)
+    torch.testing.assert_close(acc.total(), acc.output, rtol=1e-5, atol=1e-6)
+    assert len(calls) == n  # once: the fields stay
+    for deferred in (lrp(x, target=[0, 1, 2]).accounting, lrp(x, target=[0, 1, 2]).accounting):
+        for other in (copy.deepcopy(deferred), pickle.loads(pickle.dumps(deferred))):
+            for name in ("output", "input"):
+                assert torch.equal(getattr(other, name), getattr(acc, name))
+            assert other.parts.keys() == acc.parts.keys()
+            assert all(torch.equal(other.parts[k], acc.parts[k]) for k in acc.parts)
+    with pytest.raises(AttributeError, match="no attribute 'nothing'"):
+        lrp(x).accounting.nothing
+
+
 def test_batch_equals_single_samples(lrp, x):
     batch = lrp(x, target=[1, 3, 0])
     for b, t in enumerate([1, 3, 0]):

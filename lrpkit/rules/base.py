@@ -156,8 +156,8 @@ def bias_relevance(layer: nn.Module, s: torch.Tensor) -> torch.Tensor | None:
             return per_sample(s * b.view(layer._shape(s)))
         positions = [d for d in range(1, s.ndim) if d != channel]
         return (s.sum(positions) if positions else s) @ b  # (B, C) @ (C,): sum([]) would sum everything
-    if isinstance(layer, nn.Linear):
-        return (s.flatten(0, -2) @ b).view(s.shape[:-1]).flatten(1).sum(1) if s.ndim > 2 else s @ b
+    if isinstance(layer, nn.Linear):  # Σ_j b_j Σ_{tokens} s_j: the sums first (a pass over s), then (B, C) @ (C,)
+        return (s.flatten(1, -2).sum(1) if s.ndim > 2 else s) @ b
     return (s.flatten(2).sum(2) @ b)
 
 
