@@ -27,7 +27,8 @@ class Accounting:
     @classmethod
     def deferred(cls, compute) -> "Accounting":
         """An accounting whose fields are those of ``compute()``, called when one of them is first read (LRP's
-        reverse loop only sums; the arithmetic on the sums waits until someone looks)."""
+        reverse loop only sums; the arithmetic on the sums waits until someone looks). Until then ``vars()`` shows
+        no fields; ``dataclasses.asdict``, ``==``, ``copy`` and ``pickle`` read them and so work it out."""
         acc = cls.__new__(cls)
         acc.__dict__["_compute"] = compute
         return acc
