@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import statistics
 import subprocess
 import sys
@@ -56,7 +57,7 @@ def time_call(fn, x, target, repeats: int = 3) -> float:
 
 
 def time_rounds(fns: dict, x, target, repeats: int = 7, calls: int = 2, warmup: int = 3,
-                clock=time.perf_counter) -> dict:
+                clock=time.perf_counter, faults: dict | None = None) -> dict:
     """Interleaved timing of the functions in ``fns`` (name -> fn): ``warmup`` untimed rounds, then ``repeats``
     rounds; in each round, every function in turn is called ``calls`` times in a row, of which only the last is
     timed. Returns name -> (median seconds, median of the per-round ratios to the first function).
@@ -70,23 +71,33 @@ def time_rounds(fns: dict, x, target, repeats: int = 7, calls: int = 2, warmup: 
 
     ``clock``: wall time by default; ``time.thread_time`` counts the CPU time of the calling thread only, which on a
     machine shared with other jobs is far less disturbed than wall time (with one intra-op thread, all of a call's
-    work runs on the calling thread)."""
-    rounds = []
+    work runs on the calling thread).
+
+    ``faults``: a dict that gets, per name, the median number of minor page faults of the timed calls
+    (``ru_minflt``, the whole process's): how often the allocator handed the call fresh pages."""
+    rounds, faulted = [], []
     for round_ in range(warmup + repeats):
-        times = {}
+        times, flt = {}, {}
         for name, f in fns.items():
             for _ in range(calls - 1):
                 f(x, target)
             _sync(x.device)
-            start = clock()
+            before, start = _minor_faults(), clock()
             f(x, target)
             _sync(x.device)
-            times[name] = clock() - start
+            times[name], flt[name] = clock() - start, _minor_faults() - before
         if round_ >= warmup:
             rounds.append(times)
+            faulted.append(flt)
+    if faults is not None:
+        faults.update({name: statistics.median(r[name] for r in faulted) for name in fns})
     first = next(iter(fns))
     return {name: (statistics.median(r[name] for r in rounds), statistics.median(r[name] / r[first] for r in rounds))
             for name in fns}
+
+
+def _minor_faults() -> int:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def time_pair(base, fn, x, target, repeats: int = 7, calls: int = 2, warmup: int = 3) -> tuple[float, float, float]:

@@ -2,9 +2,10 @@
 
 On CPU, glibc's allocator maps large blocks fresh and adapts its mmap threshold to each process's history of frees,
 so the same code can measure ratios 0.1 apart in two processes. This script runs ``--processes`` fresh interpreters
-one after another (alternating between the working tree and ``--against REV`` if given); each times
-``--rounds`` rounds of two calls per method, the second one timed, and prints the median ratio of the rounds after
-the first three, with the median minor page faults per call (``ru_minflt``) of each method::
+one after another (alternating between the working tree and ``--against REV`` if given); each times the two methods
+as ``bench_lrp.py`` does (:func:`harness.time_rounds`: ``--warmup`` untimed rounds, then ``--repeats`` rounds of two
+calls per method, the second one timed) and prints the median ratio with the median minor page faults per timed call
+(``ru_minflt``) of each method::
 
     uv run python benchmarks/ratio_per_process.py timm:convnext_tiny epsilon --batch 1 8 --against f36f121
     MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=40000000000 \\
@@ -15,22 +16,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
-import statistics
 import subprocess
 import sys
-import time
 
 import torch
 
+import harness
 from bench_lrp import build_model, inputs, method_fn
 
 
-def faults() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def one_process(model_name: str, method: str, batches: list[int], rounds: int, against: str | None) -> list[dict]:
+def one_process(model_name: str, method: str, batches: list[int], warmup: int, repeats: int,
+                against: str | None) -> list[dict]:
     """The figures of this process: per batch, the median ratio and faults per call."""
     model = build_model(model_name)
     fns = {"gradient": method_fn(model, "gradient"), "LRP": method_fn(model, ("ref:" if against else "") + method,
@@ -38,20 +34,10 @@ def one_process(model_name: str, method: str, batches: list[int], rounds: int, a
     out = []
     for batch in batches:
         x, t = inputs(batch, "cpu")
-        ratios, flt = [], {name: [] for name in fns}
-        for round_ in range(rounds):
-            times = {}
-            for name, f in fns.items():
-                f(x, t)
-                before, start = faults(), time.perf_counter()
-                f(x, t)
-                times[name] = time.perf_counter() - start
-                if round_ >= 3:
-                    flt[name].append(faults() - before)
-            if round_ >= 3:
-                ratios.append(times["LRP"] / times["gradient"])
-        out.append({"batch": batch, "ratio": round(statistics.median(ratios), 3),
-                    **{f"faults {name}": int(statistics.median(v)) for name, v in flt.items()}})
+        faults = {}
+        timed = harness.time_rounds(fns, x, t, repeats=repeats, warmup=warmup, faults=faults)
+        out.append({"batch": batch, "ratio": round(timed["LRP"][1], 3),
+                    **{f"faults {name}": int(v) for name, v in faults.items()}})
     return out
 
 
@@ -60,7 +46,8 @@ def main() -> None:
     parser.add_argument("model", help="a bench_lrp model name, e.g. timm:convnext_tiny")
     parser.add_argument("method", help="a bench_lrp method, e.g. epsilon, CPLRP, AttnLRP")
     parser.add_argument("--batch", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--rounds", type=int, default=10)
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--processes", type=int, default=3, help="per package")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--against", help="a git revision: its package in alternate processes")
@@ -68,12 +55,13 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     if args.child is not None:
-        print(json.dumps(one_process(args.model, args.method, args.batch, args.rounds, args.child or None)))
+        print(json.dumps(one_process(args.model, args.method, args.batch, args.warmup, args.repeats,
+                                     args.child or None)))
         return
     for _ in range(args.processes):
         for rev in ([""] + ([args.against] if args.against else [])):
-            cmd = [sys.executable, __file__, args.model, args.method, "--batch", *map(str, args.batch),
-                   "--rounds", str(args.rounds), "--threads", str(args.threads), "--child", rev]
+            cmd = [sys.executable, __file__, args.model, args.method, "--batch", *map(str, args.batch), "--warmup",
+                   str(args.warmup), "--repeats", str(args.repeats), "--threads", str(args.threads), "--child", rev]
             rows = json.loads(subprocess.run(cmd, capture_output=True, text=True, check=True).stdout.splitlines()[-1])
             print(rev or "working tree", " | ".join(
                 f"batch {r['batch']}: {r['ratio']:.3f} (faults: gradient {r['faults gradient']}, "

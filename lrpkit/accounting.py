@@ -52,7 +52,8 @@ class AccountingObserver:
             frame["total"] = out_total
             return
         in_total = per_sample(R_in)
-        self.absorbed.append((step.index, step.name, (out_total, in_total, rec.absorbed, plan.traits.remainder)))
+        sinks = {k: v.detach() for k, v in rec.absorbed.items()}  # detached now: no graph kept alive until read
+        self.absorbed.append((step.index, step.name, (out_total, in_total, sinks, plan.traits.remainder)))
         frame["total"] = in_total
 
     def _split(self, step, plan, rec, out_total, R_in, branches) -> torch.Tensor | None:
@@ -87,10 +88,10 @@ class AccountingObserver:
         return acc
 
 
-def _split_loss(out_total: torch.Tensor, in_total: torch.Tensor, absorbed: dict, remainder: str) -> dict:
-    """``{sink: (B,)}`` of one layer: what its rule reports (``absorbed``), and under ``remainder`` the rest of its
+def _split_loss(out_total: torch.Tensor, in_total: torch.Tensor, sinks: dict, remainder: str) -> dict:
+    """``{sink: (B,)}`` of one layer: what its rule reports (``sinks``), and under ``remainder`` the rest of its
     loss ``Σ R_out − Σ R_in``."""
-    parts = {k: v.detach() for k, v in absorbed.items()}
+    parts = dict(sinks)
     rest = out_total - in_total
     for value in parts.values():
         rest = rest - value

@@ -40,8 +40,9 @@ class AttentionPoolRule(Rule):
     ``mode="attnlrp"`` (AttnLRP): ``R_A, R_v`` by the uniform rule on ``A v`` (half to each factor: with
     ``s = R_y / (2·stab(y))``, ``R_A = A ⊙ (s vᵀ)``, ``R_v = v ⊙ (Aᵀ s)``); the softmax's Taylor rule
     ``R_S = S ⊙ (R_A − A ⊙ Σ_j R_A)``; ``R_q, R_k`` by the uniform rule on ``q kᵀ · scale``; ``R_k`` through the
-    k-norm (LayerNorm, σ constant); ``[R_k, R_v]`` through the whole ``W_kv`` with ``value_rule``. ``R_q`` stays with the latent query (a parameter): the accounting reports it as
-    ``latent_query``; what the softmax rule loses as ``attention``.
+    k-norm (LayerNorm, σ constant); ``[R_k, R_v]`` through the whole ``W_kv`` with ``value_rule``. ``R_q`` stays with
+    the latent query (a parameter): the accounting reports it as ``latent_query``; what the softmax rule loses as
+    ``attention``.
 
     The prefix tokens the pool leaves out (``start``) get zero relevance in both modes.
     """
