@@ -10,6 +10,10 @@ calls per method, the second one timed) and prints the median ratio with the med
     uv run python benchmarks/ratio_per_process.py timm:convnext_tiny epsilon --batch 1 8 --against f36f121
     MALLOC_MMAP_THRESHOLD_=4000000000 MALLOC_TRIM_THRESHOLD_=40000000000 \\
         uv run python benchmarks/ratio_per_process.py timm:convnext_tiny epsilon   # glibc's heap kept: no faults
+    LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4 \\
+        uv run python benchmarks/ratio_per_process.py timm:convnext_tiny epsilon   # tcmalloc (as torch's run_cpu)
+
+The child processes inherit the environment, so an allocator set in front applies to every one of them.
 """
 
 from __future__ import annotations
