@@ -43,7 +43,8 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
-    "LRP", "analyze", "CRP", "crp", "canonize", "register_canonizer", "register_rule", "Registry", "registered", "CanonizationError",
+    "LRP", "analyze", "CRP", "crp", "canonize", "register_canonizer", "register_rule", "Registry", "registered",
+    "CanonizationError",
     "families", "Family", "register_family",
     "Explanation", "Accounting", "composites", "presets", "rules", "layers", "methods", "evaluate",
     "Composite", "GlobalMap", "GlobalTypeMap", "FirstLayerMap", "FirstLayerTypeMap", "LastLayerMap",

@@ -93,9 +93,10 @@ def resolve_target(output: torch.Tensor, target) -> torch.Tensor:
 
 class LRP:
     """A reusable LRP analyzer: ``LRP(model, composite=None)`` canonizes ``model`` once (a frozen eval-mode copy;
-    ``model`` is never modified), maps rules with ``composite`` (default: the model family's, :func:`lrpkit.families.family_of`)
-    and builds the modified layers and the execution plan (``lrp.plan``, :class:`lrpkit.plan.Plan`). Call it on
-    batches: ``lrp(x, target=None, *, R=None, normalize_output=True, layerwise=False) -> Explanation``.
+    ``model`` is never modified), maps rules with ``composite`` (default: the model family's,
+    :func:`lrpkit.families.family_of`) and builds the modified layers and the execution plan (``lrp.plan``,
+    :class:`lrpkit.plan.Plan`). Call it on batches:
+    ``lrp(x, target=None, *, R=None, normalize_output=True, layerwise=False) -> Explanation``.
     Thread-safe: a call keeps its state to itself (its :class:`~lrpkit.tape.Tape`).
     """
 

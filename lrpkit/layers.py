@@ -661,7 +661,8 @@ class SpaceToDepth(nn.Module):
     """The rearrangement of Swin's patch merging (timm's ``PatchMerging`` before its norm): (B, H, W, C) ->
     (B, ⌈H/2⌉, ⌈W/2⌉, 4C). Each 2×2 block of positions becomes one position whose channels are the block's four
     positions in timm's order of (row offset r, column offset s): (0, 0), (1, 0), (0, 1), (1, 1), i.e. channel
-    ``s·2C + r·C + k`` holds channel k of position (2i + r, 2j + s). An odd H or W first gets a row or column of zeros below or to the right, as in timm.
+    ``s·2C + r·C + k`` holds channel k of position (2i + r, 2j + s). An odd H or W first gets a row or column of
+    zeros below or to the right, as in timm.
 
     A permutation (with the zero padding): its rule is the inverse permutation of the relevance."""
 

@@ -69,7 +69,8 @@ def score_method(model, x01: torch.Tensor, masks: torch.Tensor, heatmap: torch.T
     rise = evaluate.deletion_insertion(model, x01, heatmap, target, steps=32, preprocess=data.normalize,
                                        batch_size=batch_size)
     return {"abpc": curves.abpc, "deletion": rise.auc_deletion, "insertion": rise.auc_insertion,
-            "pointing": evaluate.pointing_game(heatmap, masks), "mass": evaluate.relevance_mass_accuracy(heatmap, masks),
+            "pointing": evaluate.pointing_game(heatmap, masks),
+            "mass": evaluate.relevance_mass_accuracy(heatmap, masks),
             "rank": evaluate.relevance_rank_accuracy(heatmap, masks)}
 
 

@@ -38,15 +38,16 @@ class CRP:
     ``lrp``: the analyzer (its canonized model, rules and plan). ``layer``: a module path of the original model, as
     in ``model.named_modules()`` (``"features.28"``, ``"blocks.5.mlp.fc1"``, ``"blocks.5"`` for the residual stream
     after block 5), ``"<attention>.values"`` for the attention heads' value outputs ``A_h v_h`` (an inner site of
-    :class:`~lrpkit.rules.SelfAttentionRule`), or a layer index of ``lrp.table()``; a layer that canonization removed (a BatchNorm fused into the
-    convolution before it, a Dropout) is an error that lists the layers that can be chosen. ``concepts``:
-    :class:`~lrpkit.crp.TopConcepts` or :class:`~lrpkit.crp.IndexedConcepts`. The channel is dim 1 of a (B, C, ...)
-    feature map and the last dim of (B, N, C) tokens (zennit-crp's ``ChannelConcept`` takes dim 1 always, which on
-    tokens would be a token). ``batch_size``: the most (sample, concept) maps one reverse pass below the layer
+    :class:`~lrpkit.rules.SelfAttentionRule`), or a layer index of ``lrp.table()``; a layer that canonization removed
+    (a BatchNorm fused into the convolution before it, a Dropout) is an error that lists the layers that can be chosen.
+    ``concepts``: :class:`~lrpkit.crp.TopConcepts` or :class:`~lrpkit.crp.IndexedConcepts`. The channel is dim 1 of a
+    (B, C, ...) feature map and the last dim of (B, N, C) tokens (zennit-crp's ``ChannelConcept`` takes dim 1 always,
+    which on tokens would be a token). ``batch_size``: the most (sample, concept) maps one reverse pass below the layer
     carries.
 
     Speed: the forward pass and the reverse loop above the layer run once per sample; below the layer, the K
-    concepts of all samples go through one reverse pass (per ``batch_size`` maps), vectorised over the concepts with :func:`torch.func.vmap`:
+    concepts of all samples go through one reverse pass (per ``batch_size`` maps), vectorised over the concepts with
+    :func:`torch.func.vmap`:
     what the rules compute from the recorded activations alone (modified forward passes, denominators) is computed
     once per sample, only what involves the relevance once per concept. Call it on batches:
     ``crp(x, target=None, *, R=None, normalize_output=True) -> ConceptExplanation``.

@@ -8,9 +8,9 @@
 
   (n: the input's size in that dim); an adaptive pooling maps output i to
   [⌊i n / m⌋, ⌈(i + 1) n / m⌉ − 1] (m: the output size); element-wise layers (activations, BatchNorm,
-  ``Scale``) keep the range; a layer that mixes a dim (a ``Linear`` over the last dim, ``LayerNormalize`` over its dim, a
-  global pooling, ``Flatten``, ``GlobalResponseNormalize``) makes it the whole dim; ``Permute`` reorders the dims;
-  a residual connection or parallel branches take the union (the bounding box) of their branches' ranges (the
+  ``Scale``) keep the range; a layer that mixes a dim (a ``Linear`` over the last dim, ``LayerNormalize`` over its
+  dim, a global pooling, ``Flatten``, ``GlobalResponseNormalize``) makes it the whole dim; ``Permute`` reorders the
+  dims; a residual connection or parallel branches take the union (the bounding box) of their branches' ranges (the
   identity path of a ``SkipConnection`` included). The result is exact: the smallest box that holds every input
   pixel the position depends on for some input (ReLUs that happen to be off for one image do not shrink it).
 - **Tokens** (B, N, C) of a ViT: the *patch* of the token, ``[r·ph, (r+1)·ph) × [c·pw, (c+1)·pw)`` for patch

@@ -15,8 +15,9 @@ class ConceptExplanation:
     the layer); ``concepts``: (B, K) long, the channel of each concept; ``concept_relevance``: (B, K), each concept's
     relevance at the layer summed over positions; ``channel_relevance``: (B, C), that of every channel of the layer
     (``concept_relevance`` is ``channel_relevance.gather(1, concepts)``;
-    ``channel_relevance / channel_relevance.sum(1)`` is the share of the layer's relevance each channel carries); ``output``: the model's output; ``target``: (B,)
-    explained class per sample (None for an explicit output relevance); ``layer``: the layer's name.
+    ``channel_relevance / channel_relevance.sum(1)`` is the share of the layer's relevance each channel carries);
+    ``output``: the model's output; ``target``: (B,) explained class per sample (None for an explicit output
+    relevance); ``layer``: the layer's name.
     ``heatmap`` is (B, K, H, W) for image inputs.
     """
 

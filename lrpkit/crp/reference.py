@@ -11,7 +11,8 @@ the explained output (the one-hot of the target, as :class:`lrpkit.LRP`; ``targe
 class); ``statistic="sum"`` ranks by ``Σ_p R_{c,p}(x)`` instead (zennit-crp's default). Activation maximisation
 (``mode="activation"``) ranks by the largest activation instead, ``s_c(x) = max_p a_{c,p}(x)``. The two differ
 where a channel is active but not used for the decision: a large activation whose relevance is small or negative
-(it pointed away from the class) ranks high for activation and low for relevance. Relevance maximisation finds the samples for which the concept mattered.
+(it pointed away from the class) ranks high for activation and low for relevance. Relevance maximisation finds the
+samples for which the concept mattered.
 
 The k samples of concept c are those with the largest s_c, on equal scores the smaller sample index first. Each
 comes with its position p* (the argmax) and its crop box (:mod:`lrpkit.crp.crops`: the receptive field of p* in

@@ -10,4 +10,5 @@ from .rollout import AttentionRollout, GradientRollout
 from .vitcx import ViTCX
 
 __all__ = ["Explainer", "NotApplicableError", "AttentionRollout", "GradientRollout", "RawAttention", "AttentionGradCAM",
-           "GenericAttention", "TransformerAttribution", "PartialLRP", "chefer_composite", "ViTCX", "Gradient", "InputXGradient", "SmoothGrad", "IntegratedGradients"]
+           "GenericAttention", "TransformerAttribution", "PartialLRP", "chefer_composite", "ViTCX", "Gradient",
+           "InputXGradient", "SmoothGrad", "IntegratedGradients"]

@@ -222,8 +222,8 @@ class ZBoxRule(TermRule):
 class GeneralizedGammaRule(TermRule):
     """Generalised LRP-γ for inputs of any sign (Andéol et al. 2021; zennit's ``Gamma``). For ``z_j > 0``:
     ``R_i = Σ_j (a_i⁺ (w_ij + γw_ij⁺) + a_i⁻ (w_ij + γw_ij⁻)) / stab(z_j^↑) · R_j``, with ``z^↑`` the sum of those
-    products plus ``b + γb⁺``; for ``z_j < 0`` the same with the roles of ⁺ and ⁻ in the weights swapped. Outputs with ``z_j = 0`` pass no
-    relevance (they are in neither group)."""
+    products plus ``b + γb⁺``; for ``z_j < 0`` the same with the roles of ⁺ and ⁻ in the weights swapped. Outputs
+    with ``z_j = 0`` pass no relevance (they are in neither group)."""
 
     def __init__(self, gamma: float = 0.25, stabilizer: float = 1e-6):
         self.gamma, self.stabilizer = gamma, stabilizer

@@ -102,7 +102,8 @@ class TokenMeanRule(_ClosedFormRule):
 
 class LayerNormRule(_ClosedFormRule):
     """LRP-ε through ``y = (x − μ(x)) / σ`` with σ held constant (Ali et al. 2022): with ``s = R / stab(y)``,
-    ``R_x = x / σ ⊙ (s − mean(s))`` (μ, σ and the mean over the layer's normalised dimension). Conserves: ``Σ R_x = Σ (y + μ/σ) s − (Σ x/σ) mean(s) = Σ R`` up to ε."""
+    ``R_x = x / σ ⊙ (s − mean(s))`` (μ, σ and the mean over the layer's normalised dimension). Conserves:
+    ``Σ R_x = Σ (y + μ/σ) s − (Σ x/σ) mean(s) = Σ R`` up to ε."""
 
     accepted = (LayerNormalize,)
 
