@@ -24,11 +24,11 @@ from torch.profiler import ProfilerActivity, profile
 from bench_lrp import build_model, inputs, method_fn
 
 
-def self_times(fn, x, target, calls: int) -> Counter:
-    """Mean self CPU time per call, in ms, of each operation of ``fn(x, target)`` (run alternately by the caller)."""
+def self_times(fn, x, target) -> Counter:
+    """Self CPU time, in ms, of each operation of one call ``fn(x, target)``."""
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         fn(x, target)
-    return Counter({e.key: e.self_cpu_time_total / 1e3 / calls for e in prof.key_averages()})
+    return Counter({e.key: e.self_cpu_time_total / 1e3 for e in prof.key_averages()})
 
 
 def main() -> None:
@@ -50,8 +50,9 @@ def main() -> None:
     totals = {name: Counter() for name in fns}
     for _ in range(args.calls):
         for name, fn in fns.items():
-            totals[name].update(self_times(fn, x, target, args.calls))
-    grad, lrp = totals["gradient"], totals["LRP"]
+            totals[name].update(self_times(fn, x, target))
+    # per call; a Counter reads 0 for an operation that only one of the two runs
+    grad, lrp = (Counter({op: ms / args.calls for op, ms in totals[name].items()}) for name in ("gradient", "LRP"))
     print(f"{args.model} {args.method}, batch {args.batch}, {args.threads} threads, mean of {args.calls} calls: "
           f"self CPU {sum(grad.values()):.1f} ms (gradient), {sum(lrp.values()):.1f} ms (LRP)")
     print(f"{'operation':48s} {'gradient ms':>12s} {'LRP ms':>10s} {'LRP - gradient':>15s}")
