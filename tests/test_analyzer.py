@@ -129,7 +129,6 @@ def test_accounting_bias_part_by_hand(linear2):
     assert acc.parts.get("stabilizer", torch.zeros(1)).abs().max() < 1e-6
 
 
-
 def test_accounting_bias_part_of_a_token_wise_linear_by_hand():
     # LRP-0 on z = W a + b per token, W = identity, b = [1, 1], two tokens a₁ = [1, 3], a₂ = [3, 5]:
     # z₁ = [2, 4], z₂ = [4, 6]; R = 1 everywhere (Σ R = 4), so s = R / z: s₁ = [1/2, 1/4], s₂ = [1/4, 1/6].
